@@ -1,0 +1,49 @@
+"""`rayrlhf train --config conf/FILE.yaml [key=value ...]`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rayrlhf.errors import RayRLHFError
+
+DEFAULT_CONFIG = "conf/tiny_ppo.yaml"
+
+
+def _default_config() -> Path:
+    """conf/tiny_ppo.yaml in the working directory, else the one beside the package source."""
+    local = Path(DEFAULT_CONFIG)
+    return local if local.exists() else Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rayrlhf", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_cmd = commands.add_parser("train", help="run PPO")
+    train_cmd.add_argument("--config", type=Path, default=None,
+                           help=f"YAML preset (default: {DEFAULT_CONFIG})")
+    train_cmd.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+
+    from rayrlhf.config import load_config
+
+    try:
+        cfg = load_config(args.config or _default_config(), args.overrides)
+        from rayrlhf.driver import train
+
+        history = train(cfg)
+    except RayRLHFError as err:
+        print(f"rayrlhf: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rayrlhf: interrupted; actors stopped", file=sys.stderr)
+        return 130
+    last = history[-1]
+    print(f"done: {len(history)} steps, reward/mean {last['reward/mean']:.3f}, "
+          f"outputs in {cfg.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

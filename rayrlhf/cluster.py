@@ -1,0 +1,75 @@
+"""Ray start-up and placement: each role is a group of actors on a placement group of its own."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayrlhf.errors import RayRLHFError
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+def start_ray(ray_cfg) -> bool:
+    """Connect to `ray.address`, or start a local single-node cluster. True if we started it."""
+    if ray.is_initialized():
+        return False
+    common = {"log_to_driver": ray_cfg.log_to_driver, "logging_level": logging.WARNING}
+    if ray_cfg.address:
+        ray.init(address=ray_cfg.address, **common)
+        return False
+    ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=False, **common)
+    return True
+
+
+def actor_env(threads: int, gpus: float) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if not gpus:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+class RoleGroup:
+    """`count` actors of `cls`, one per bundle of {cpus, gpus}, packed on one placement group."""
+
+    def __init__(self, name: str, cls: type, count: int, cpus: float, gpus: float, threads: int,
+                 args: Callable[[int], tuple] = lambda rank: ()):
+        self.name = name
+        bundle = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+        self.placement = placement_group([dict(bundle) for _ in range(count)], strategy="PACK",
+                                         name=f"rayrlhf-{name}")
+        self.actors: list[Any] = []
+        try:
+            ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise RayRLHFError(
+                f"cannot place role '{name}': it needs {count} x {bundle} and the cluster has "
+                f"{ray.available_resources()} free") from None
+        remote_cls = ray.remote(cls)
+        for rank in range(count):
+            strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
+            self.actors.append(remote_cls.options(
+                num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy,
+                runtime_env={"env_vars": actor_env(threads, gpus)},
+            ).remote(*args(rank)))
+
+    def call(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
+        """The same call on every actor."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def scatter(self, method: str, shards: list[tuple], **kwargs) -> list[ray.ObjectRef]:
+        """Actor i gets the arguments in shards[i]."""
+        return [getattr(a, method).remote(*shard, **kwargs) for a, shard in zip(self.actors, shards)]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        remove_placement_group(self.placement)

@@ -1,0 +1,274 @@
+"""The one config schema. Every default lives here; YAML presets and `key=value` overrides only
+change values the schema already has, and `validate` rejects what cannot run before any actor starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rayrlhf.errors import RayRLHFError
+
+
+class ConfigError(RayRLHFError):
+    """A config that cannot run; the message names the key and the reason."""
+
+
+@dataclass
+class ModelConfig:
+    # HF id or local path of the policy (actor, reference and rollout engines start from it).
+    path: str = MISSING
+    # Tokenizer HF id or path; empty means the model's own.
+    tokenizer: str = ""
+    # Build a tiny random Llama at `path` when none is there (the built-in default and tests).
+    build_tiny: bool = False
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    # JSONL, Parquet or a local HF `datasets` directory; empty uses the built-in synthetic task.
+    path: str = ""
+    prompt_field: str = "prompt"
+    # Wrap each prompt in the tokenizer's chat template as a user turn.
+    chat_template: bool = False
+    max_prompt_tokens: int = 64
+    # Size of the built-in synthetic prompt set.
+    synthetic_size: int = 2048
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0
+    tensor_parallel_size: int = 1
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    # Responses sampled per prompt.
+    n: int = 1
+    # vLLM KV cache size on CPU (GiB) and memory fraction on GPU.
+    kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.5
+
+
+@dataclass
+class RewardConfig:
+    # A built-in rule (see rayrlhf.rewards.RULES) or, when `model_path` is set, a reward model.
+    rule: str = "alphabet"
+    # HF sequence-classification reward model; takes precedence over `rule`.
+    model_path: str = ""
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    micro_batch_size: int = 64
+
+
+@dataclass
+class ReferenceConfig:
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    micro_batch_size: int = 64
+
+
+@dataclass
+class TrainerRoleConfig:
+    # Data-parallel ranks, one Ray actor each.
+    num_ranks: int = 1
+    cpus_per_rank: float = 1.0
+    gpus_per_rank: float = 0.0
+    zero_stage: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class CriticConfig(TrainerRoleConfig):
+    # Empty starts the critic from the policy model with a fresh value head.
+    model_path: str = ""
+
+
+@dataclass
+class AlgorithmConfig:
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    # Value clipping range around the old values; 0 turns value clipping off.
+    value_clip_eps: float = 0.2
+    kl_coef: float = 0.05
+    # Adaptive KL controller: a target KL per sequence; 0 keeps `kl_coef` fixed.
+    kl_target: float = 0.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    ppo_epochs: int = 1
+    # Prompts x samples per optimizer step; must divide the rollout batch.
+    train_batch_size: int = 64
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 20
+    # Prompts sampled per iteration.
+    prompts_per_step: int = 64
+    # Save the policy (HF format) every N steps; 0 saves only at the end.
+    save_every: int = 0
+
+
+@dataclass
+class WeightSyncConfig:
+    bucket_mb: float = 64.0
+    # Compare engine and trainer log-probs of the sampled tokens every N steps (0: never).
+    check_every: int = 1
+    # A gap above this (mean absolute log-prob difference) is reported as a warning.
+    warn_gap: float = 0.05
+    timeout_s: float = 600.0
+
+
+@dataclass
+class RayConfig:
+    # Existing cluster address ("auto" under `ray job submit`); empty starts a local one.
+    address: str = ""
+    # Logical CPUs for a local cluster; more than the cores is fine (actors mostly wait).
+    num_cpus: int = 8
+    # Torch intra-op threads per actor.
+    threads_per_actor: int = 1
+    # Stream the actors' own logs (vLLM, DeepSpeed) to the console; they are always in Ray's log dir.
+    log_to_driver: bool = False
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    actor: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema <- YAML preset <- dotted overrides, then validation. Unknown keys are errors."""
+    cfg = OmegaConf.structured(RunConfig)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    reason = str(err).splitlines()[0]
+    if "not in" in reason or "Key '" in reason and "not" in reason:
+        return f"unknown config key '{key}'"
+    return f"bad value for config key '{key}': {reason}"
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {why}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and consistency checks that OmegaConf's types cannot express."""
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError("config key 'model.path' is required (an HF id or a local path)")
+    positive_ints = {
+        "rollout.num_engines": cfg.rollout.num_engines,
+        "rollout.tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "rollout.n": cfg.rollout.n,
+        "reward.num_workers": cfg.reward.num_workers,
+        "reward.micro_batch_size": cfg.reward.micro_batch_size,
+        "reference.num_workers": cfg.reference.num_workers,
+        "reference.micro_batch_size": cfg.reference.micro_batch_size,
+        "actor.num_ranks": cfg.actor.num_ranks,
+        "actor.micro_batch_size": cfg.actor.micro_batch_size,
+        "critic.num_ranks": cfg.critic.num_ranks,
+        "critic.micro_batch_size": cfg.critic.micro_batch_size,
+        "algorithm.ppo_epochs": cfg.algorithm.ppo_epochs,
+        "algorithm.train_batch_size": cfg.algorithm.train_batch_size,
+        "algorithm.kl_horizon": cfg.algorithm.kl_horizon,
+        "trainer.total_steps": cfg.trainer.total_steps,
+        "trainer.prompts_per_step": cfg.trainer.prompts_per_step,
+        "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "data.synthetic_size": cfg.data.synthetic_size,
+        "ray.num_cpus": cfg.ray.num_cpus,
+        "ray.threads_per_actor": cfg.ray.threads_per_actor,
+    }
+    for key, value in positive_ints.items():
+        _check(value >= 1, key, f"must be >= 1, got {value}")
+    non_negative = {
+        "trainer.save_every": cfg.trainer.save_every,
+        "weight_sync.check_every": cfg.weight_sync.check_every,
+        "algorithm.kl_coef": cfg.algorithm.kl_coef,
+        "algorithm.kl_target": cfg.algorithm.kl_target,
+        "algorithm.value_clip_eps": cfg.algorithm.value_clip_eps,
+        "actor.weight_decay": cfg.actor.weight_decay,
+        "critic.weight_decay": cfg.critic.weight_decay,
+    }
+    for key, value in non_negative.items():
+        _check(value >= 0, key, f"must be >= 0, got {value}")
+    for key in ("rollout.cpus_per_engine", "reward.cpus_per_worker", "reference.cpus_per_worker",
+                "actor.cpus_per_rank", "critic.cpus_per_rank"):
+        value = OmegaConf.select(cfg, key)
+        _check(value > 0, key, f"must be > 0, got {value}")
+    for key in ("rollout.gpus_per_engine", "reward.gpus_per_worker", "reference.gpus_per_worker",
+                "actor.gpus_per_rank", "critic.gpus_per_rank"):
+        value = OmegaConf.select(cfg, key)
+        _check(value >= 0, key, f"must be >= 0, got {value}")
+    for role in ("actor", "critic"):
+        _check(cfg[role].zero_stage in (0, 1, 2, 3), f"{role}.zero_stage",
+               f"must be 0, 1, 2 or 3, got {cfg[role].zero_stage}")
+        _check(cfg[role].lr > 0, f"{role}.lr", f"must be > 0, got {cfg[role].lr}")
+        _check(cfg[role].grad_clip >= 0, f"{role}.grad_clip", "must be >= 0")
+    for key in ("algorithm.gamma", "algorithm.lam", "rollout.top_p"):
+        value = OmegaConf.select(cfg, key)
+        _check(0 < value <= 1 or (key != "rollout.top_p" and value == 0), key,
+               f"must be in (0, 1], got {value}")
+    _check(0 < cfg.algorithm.clip_eps < 1, "algorithm.clip_eps",
+           f"must be in (0, 1), got {cfg.algorithm.clip_eps}")
+    _check(cfg.rollout.temperature > 0, "rollout.temperature",
+           f"must be > 0 (training log-probs divide by it), got {cfg.rollout.temperature}")
+    _check(cfg.rollout.top_k == -1 or cfg.rollout.top_k >= 1, "rollout.top_k",
+           f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
+    _check(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
+    _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
+    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+           f"must be float32, bfloat16 or float16, got {cfg.model.dtype}")
+
+    batch = cfg.trainer.prompts_per_step * cfg.rollout.n
+    mini = cfg.algorithm.train_batch_size
+    _check(batch % mini == 0, "algorithm.train_batch_size",
+           f"({mini}) must divide prompts_per_step x rollout.n ({batch})")
+    for role in ("actor", "critic"):
+        ranks, micro = cfg[role].num_ranks, cfg[role].micro_batch_size
+        _check(mini % (ranks * micro) == 0, f"{role}.micro_batch_size",
+               f"x {role}.num_ranks ({micro} x {ranks}) must divide algorithm.train_batch_size ({mini})")
+    _check(cfg.rollout.num_engines <= cfg.trainer.prompts_per_step, "rollout.num_engines",
+           "must not exceed trainer.prompts_per_step")

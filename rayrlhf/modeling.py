@@ -1,0 +1,73 @@
+"""Loading HF models and reading log-probs, values and scores from them in the shared layout."""
+
+from __future__ import annotations
+
+import torch
+
+from rayrlhf.algorithms import response_logprobs
+from rayrlhf.batch import Batch, position_ids
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(path: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+
+
+def load_scalar_model(path: str, dtype: str):
+    """A sequence-classification model with one output: the reward model, and the critic.
+
+    Started from a causal LM checkpoint, the backbone is reused and the scalar head is new.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+
+
+def _model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    mask = batch["attention_mask"]
+    return {"input_ids": batch["sequences"], "attention_mask": mask, "position_ids": position_ids(mask)}
+
+
+def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
+    """[B, N] log-probs of the response tokens under `model`."""
+    logits = model(**_model_inputs(batch), use_cache=False).logits
+    return response_logprobs(logits, batch["sequences"], batch.prompt_len, temperature)
+
+
+def _scalar_head(model, batch: Batch) -> torch.Tensor:
+    """[B, T] the scalar head applied at every position (HF reads it at one position only)."""
+    hidden = model.base_model(**_model_inputs(batch), use_cache=False).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+def token_values(model, batch: Batch) -> torch.Tensor:
+    """[B, N] V(x, y_<i): read where the logits that score response token i are read."""
+    return _scalar_head(model, batch)[:, batch.prompt_len - 1:-1]
+
+
+def sequence_scores(model, batch: Batch) -> torch.Tensor:
+    """[B] the head at the last real token of each sequence (the response's last token)."""
+    last = batch.prompt_len + batch["response_lengths"].clamp(min=1) - 1
+    return _scalar_head(model, batch)[torch.arange(len(batch)), last]
+
+
+def default_device() -> torch.device:
+    """The GPU Ray assigned to this actor, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return Batch(batch.prompt_len, {k: v.to(device) for k, v in batch.tensors.items()})
+
+
+@torch.no_grad()
+def infer_in_micro_batches(fn, model, batch: Batch, micro_batch_size: int, device: torch.device,
+                           **kwargs) -> torch.Tensor:
+    """fn(model, micro_batch, **kwargs) over the batch, results concatenated on the CPU."""
+    outputs = [fn(model, to_device(mb, device), **kwargs).float().cpu()
+               for mb in batch.minibatches(micro_batch_size)]
+    return torch.cat(outputs)

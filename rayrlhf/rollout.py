@@ -1,0 +1,61 @@
+"""The rollout worker: one vLLM engine per Ray actor, generating responses with their log-probs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from rayrlhf import weight_sync
+
+
+@dataclass
+class Sample:
+    response_ids: list[int]
+    logprobs: list[float]
+    # False when the response hit max_new_tokens without EOS (truncated, not finished).
+    finished: bool
+    text: str
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, tokenizer: str, rollout_cfg, dtype: str, seed: int,
+                 max_model_len: int):
+        # The engine runs in this process; its worker is this actor (see ENVIRONMENT notes).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.kv_cache_gib))
+        from vllm import LLM
+
+        self.cfg = rollout_cfg
+        self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
+                       seed=seed, enforce_eager=True, max_model_len=max_model_len,
+                       tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+                       gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                       # Log-probs after temperature, as the trainer computes them.
+                       logprobs_mode="processed_logprobs")
+
+    def generate(self, prompt_ids: list[list[int]], greedy: bool = False) -> list[list[Sample]]:
+        """`rollout.n` samples per prompt, each with the sampled tokens' log-probs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        cfg = self.cfg
+        params = SamplingParams(
+            n=1 if greedy else cfg.n, max_tokens=cfg.max_new_tokens,
+            temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            logprobs=0,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+                                    params, use_tqdm=False)
+        return [[Sample(list(c.token_ids), [next(iter(lp.values())).logprob for lp in c.logprobs],
+                        c.finish_reason != "length", c.text) for c in out.outputs]
+                for out in outputs]
+
+    def join_weight_sync(self, master_addr: str, port: int, first_rank: int, world_size: int,
+                         backend: str, timeout_s: float) -> None:
+        self.llm.collective_rpc(weight_sync.engine_join,
+                                args=(master_addr, port, first_rank, world_size, backend, timeout_s))
+
+    def receive_weights(self, plan) -> None:
+        self.llm.collective_rpc(weight_sync.engine_receive, args=(plan,))
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()

@@ -1,0 +1,145 @@
+"""Starts the roles as Ray actor groups, wires their rendezvous, and moves batches between them."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from rayrlhf.algorithms import response_mask
+from rayrlhf.batch import Batch, build_batch
+from rayrlhf.cluster import RoleGroup
+from rayrlhf.data import Prompt
+from rayrlhf.rollout import RolloutWorker
+from rayrlhf.scorers import ReferenceWorker, RewardWorker
+from rayrlhf.trainer import TrainerWorker
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    return torch.tensor([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
+
+
+class RLHFSystem:
+    def __init__(self, cfg, model_path: str, pad_token_id: int):
+        self.cfg = cfg
+        self.pad_token_id = pad_token_id
+        self.groups: list[RoleGroup] = []
+        threads = cfg.ray.threads_per_actor
+        max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+        critic_path = cfg.critic.model_path or model_path
+        try:
+            r = cfg.rollout
+            self.rollout = self._group("rollout", RolloutWorker, r.num_engines, r.cpus_per_engine,
+                                       r.gpus_per_engine, threads, lambda i: (
+                                           model_path, cfg.model.tokenizer, r, cfg.model.dtype,
+                                           cfg.seed + i, max_model_len))
+            ref = cfg.reference
+            self.reference = self._group("reference", ReferenceWorker, ref.num_workers,
+                                         ref.cpus_per_worker, ref.gpus_per_worker, threads, lambda i: (
+                                             model_path, cfg.model.dtype, ref.micro_batch_size,
+                                             r.temperature))
+            rw = cfg.reward
+            self.reward = self._group("reward", RewardWorker, rw.num_workers, rw.cpus_per_worker,
+                                      rw.gpus_per_worker, threads, lambda i: (rw, cfg.model.dtype))
+            self.actor = self._trainer_group("actor", model_path)
+            self.critic = self._trainer_group("critic", critic_path)
+            # Actor __init__ errors (a bad model, an engine that cannot start) surface here.
+            ray.get([a.__ray_ready__.remote() for g in self.groups for a in g.actors])
+            self._join_weight_sync()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _group(self, name, cls, count, cpus, gpus, threads, args) -> RoleGroup:
+        group = RoleGroup(name, cls, count, cpus, gpus, threads, args)
+        self.groups.append(group)
+        return group
+
+    def _trainer_group(self, role: str, model_path: str) -> RoleGroup:
+        cfg = self.cfg
+        role_cfg = cfg[role]
+        group = self._group(role, TrainerWorker, role_cfg.num_ranks, role_cfg.cpus_per_rank,
+                            role_cfg.gpus_per_rank, cfg.ray.threads_per_actor,
+                            lambda rank: (role, rank, role_cfg.num_ranks))
+        master_addr, master_port = ray.get(group.actors[0].address.remote())
+        ray.get(group.call("setup", master_addr, master_port, model_path, role_cfg, cfg.algorithm,
+                           cfg.model.dtype, cfg.rollout.temperature, cfg.seed))
+        return group
+
+    def _join_weight_sync(self) -> None:
+        ws, tp = self.cfg.weight_sync, self.cfg.rollout.tensor_parallel_size
+        backend = "nccl" if self.cfg.actor.gpus_per_rank > 0 else "gloo"
+        sender = self.actor.actors[0]
+        self.plan = ray.get(sender.weight_sync_plan.remote(ws.bucket_mb))
+        addr, port = ray.get(sender.address.remote())
+        world = 1 + len(self.rollout.actors) * tp
+        refs = [sender.join_weight_sync.remote(addr, port, world, backend, ws.timeout_s)]
+        refs += self.rollout.scatter("join_weight_sync", [
+            (addr, port, 1 + i * tp, world, backend, ws.timeout_s)
+            for i in range(len(self.rollout.actors))])
+        ray.get(refs, timeout=ws.timeout_s)
+
+    # Sample
+
+    def generate(self, prompts: list[Prompt]) -> tuple[Batch, list[str], list[str]]:
+        """Every prompt's `rollout.n` samples, as one batch in the shared layout plus their texts."""
+        shards = split_evenly([p.token_ids for p in prompts], len(self.rollout.actors))
+        per_prompt = [s for part in ray.get(self.rollout.scatter(
+            "generate", [(shard,) for shard in shards])) for s in part]
+        flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt) for sample in samples]
+        batch = build_batch([p.token_ids for p, _ in flat], [s.response_ids for _, s in flat],
+                            self.pad_token_id)
+        width = batch["sequences"].shape[1] - batch.prompt_len
+        batch["mask"] = response_mask(batch["sequences"][:, batch.prompt_len:], batch["response_lengths"])
+        batch["engine_logprobs"] = pad_rows([s.logprobs for _, s in flat], width)
+        batch["truncated"] = torch.tensor([not s.finished for _, s in flat], dtype=torch.float32)
+        return batch, [p.text for p, _ in flat], [s.text for _, s in flat]
+
+    # Feedback
+
+    def score(self, batch: Batch, prompts: list[str], responses: list[str]) -> None:
+        """Adds scores, ref_logprobs, old_logprobs and old_values; the four roles run at once."""
+        def shards(group: RoleGroup) -> list[Batch]:
+            return batch.chunks(len(group.actors))
+
+        n_reward = len(self.reward.actors)
+        ref = self.reference.scatter("logprobs", [(b,) for b in shards(self.reference)])
+        rew = self.reward.scatter("scores", list(zip(shards(self.reward),
+                                                     split_evenly(prompts, n_reward),
+                                                     split_evenly(responses, n_reward))))
+        old = self.actor.scatter("infer", [(b,) for b in shards(self.actor)])
+        val = self.critic.scatter("infer", [(b,) for b in shards(self.critic)])
+        batch["scores"] = torch.cat(ray.get(rew))
+        batch["ref_logprobs"] = torch.cat(ray.get(ref))
+        batch["old_logprobs"] = torch.cat(ray.get(old))
+        batch["old_values"] = torch.cat(ray.get(val))
+
+    # Learn
+
+    def train(self, batch: Batch, seed: int) -> dict[str, float]:
+        """Actor and critic train at once, each rank on its share; returns rank-averaged stats."""
+        refs = [self.actor.scatter("train", [(b, seed) for b in batch.chunks(len(self.actor.actors))]),
+                self.critic.scatter("train", [(b, seed) for b in batch.chunks(len(self.critic.actors))])]
+        stats: dict[str, float] = {}
+        for group_refs in refs:
+            per_rank = ray.get(group_refs)
+            for key in per_rank[0]:
+                stats[key] = sum(r[key] for r in per_rank) / len(per_rank)
+        return stats
+
+    def sync_weights(self) -> int:
+        """Actor weights -> every engine; returns the bytes broadcast."""
+        refs = self.actor.call("send_weights", self.plan) + self.rollout.call("receive_weights", self.plan)
+        return ray.get(refs, timeout=self.cfg.weight_sync.timeout_s)[0]
+
+    def save_policy(self, path: str) -> None:
+        ray.get(self.actor.call("save", path))
+
+    def shutdown(self) -> None:
+        for group in reversed(self.groups):
+            group.shutdown()
+        self.groups = []

@@ -1,0 +1,147 @@
+"""The trainer worker: one data-parallel DeepSpeed ZeRO rank of the actor or the critic."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import defaultdict
+
+import torch
+
+from rayrlhf import weight_sync
+from rayrlhf.algorithms import policy_loss, value_loss
+from rayrlhf.batch import Batch
+from rayrlhf.modeling import (DTYPES, default_device, infer_in_micro_batches, load_causal_lm,
+                              load_scalar_model, policy_logprobs, to_device, token_values)
+
+
+def node_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port on it (for a rendezvous hosted here)."""
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def deepspeed_config(role_cfg, train_batch_size: int, world_size: int, dtype: str) -> dict:
+    return {
+        "train_batch_size": train_batch_size,
+        "train_micro_batch_size_per_gpu": role_cfg.micro_batch_size,
+        "gradient_accumulation_steps": train_batch_size // (world_size * role_cfg.micro_batch_size),
+        "gradient_clipping": role_cfg.grad_clip,
+        "zero_optimization": {"stage": role_cfg.zero_stage},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": role_cfg.lr, "weight_decay": role_cfg.weight_decay, "betas": [0.9, 0.95],
+            # torch's AdamW runs everywhere; DeepSpeed's fused kernels need a CUDA build.
+            "torch_adam": True, "adam_w_mode": True}},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class TrainerWorker:
+    """`role` is "actor" (policy, clipped surrogate loss) or "critic" (values, clipped value loss)."""
+
+    def __init__(self, role: str, rank: int, world_size: int):
+        self.role, self.rank, self.world_size = role, rank, world_size
+        self.sync_group = None
+
+    def address(self) -> tuple[str, int]:
+        return node_address()
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, role_cfg, algo_cfg,
+              dtype: str, temperature: float, seed: int) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        import deepspeed
+
+        self.device = default_device()
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=self.backend)
+        torch.manual_seed(seed)
+        self.cfg, self.algo, self.temperature = role_cfg, algo_cfg, temperature
+        ds_config = deepspeed_config(role_cfg, algo_cfg.train_batch_size, self.world_size, dtype)
+        if role_cfg.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Kept alive so from_pretrained loads straight into ZeRO-3 partitions.
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        load = load_causal_lm if self.role == "actor" else load_scalar_model
+        model = load(model_path, dtype)
+        if role_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=ds_config)
+        self.dtype = DTYPES[dtype]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _forward(self, model, batch: Batch) -> torch.Tensor:
+        if self.role == "actor":
+            return policy_logprobs(model, batch, self.temperature)
+        return token_values(model, batch)
+
+    def infer(self, batch: Batch) -> torch.Tensor:
+        """Old log-probs (actor) or old values (critic) of this rank's share of the batch."""
+        self.module.eval()
+        return infer_in_micro_batches(self._forward, self.module, batch, self.cfg.micro_batch_size,
+                                      self.device)
+
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self._forward(self.module, batch)
+        if self.role == "actor":
+            loss, stats = policy_loss(out, batch["old_logprobs"], batch["advantages"], batch["mask"],
+                                      self.algo.clip_eps)
+            return loss, {"loss/policy": loss.detach(), **{f"policy/{k}": v for k, v in stats.items()}}
+        clip = self.algo.value_clip_eps or None
+        loss, stats = value_loss(out, batch["old_values"], batch["returns"], batch["mask"], clip)
+        return loss, {"loss/value": loss.detach(), "critic/clip_frac": stats["clip_frac"]}
+
+    def train(self, batch: Batch, seed: int) -> dict[str, float]:
+        """PPO epochs over this rank's share: minibatches of train_batch_size / ranks, each
+        accumulated over micro-batches; DeepSpeed all-reduces and steps at each minibatch end."""
+        self.module.train()
+        per_rank = self.algo.train_batch_size // self.world_size
+        generator = torch.Generator().manual_seed(seed)
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for _ in range(self.algo.ppo_epochs):
+            shuffled = batch.select(torch.randperm(len(batch), generator=generator))
+            for minibatch in shuffled.minibatches(per_rank):
+                for micro in minibatch.minibatches(self.cfg.micro_batch_size):
+                    loss, stats = self._loss(to_device(micro, self.device))
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    for key, value in stats.items():
+                        sums[key] += float(value)
+                    count += 1
+        return {key: value / count for key, value in sums.items()}
+
+    # Weight sync (actor only). Every rank takes part in sending (ZeRO-3 gathers are collective).
+
+    def weight_sync_plan(self, bucket_mb: float) -> list:
+        return weight_sync.plan_buckets(weight_sync.parameter_specs(self.module),
+                                        int(bucket_mb * 2**20))
+
+    def join_weight_sync(self, master_addr: str, port: int, world_size: int, backend: str,
+                         timeout_s: float) -> None:
+        self.sync_group = weight_sync.join_group(master_addr, port, 0, world_size, backend, timeout_s)
+
+    def send_weights(self, plan) -> int:
+        return weight_sync.send_buckets(self.module, plan, self.sync_group, self.rank == 0,
+                                        self.device)
+
+    def save(self, path: str) -> None:
+        """HF-format checkpoint (full weights, gathered from ZeRO-3 shards) written by rank 0."""
+        state = {}
+        for name, param in self.module.named_parameters():
+            with weight_sync.gathered([param]):
+                if self.rank == 0:
+                    state[name] = param.data.detach().cpu().clone()
+        if self.rank == 0:
+            self.module.save_pretrained(path, state_dict=state, safe_serialization=True)

