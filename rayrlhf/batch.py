@@ -42,7 +42,7 @@ def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
     prompt_len = max(len(p) for p in prompt_ids)
     response_len = max(1, max(len(r) for r in response_ids))
     rows, attention = [], []
-    for prompt, response in zip(prompt_ids, response_ids):
+    for prompt, response in zip(prompt_ids, response_ids, strict=True):
         left = [pad_id] * (prompt_len - len(prompt))
         right = [pad_id] * (response_len - len(response))
         rows.append(left + list(prompt) + list(response) + right)

@@ -66,7 +66,8 @@ class RoleGroup:
 
     def scatter(self, method: str, shards: list[tuple], **kwargs) -> list[ray.ObjectRef]:
         """Actor i gets the arguments in shards[i]."""
-        return [getattr(a, method).remote(*shard, **kwargs) for a, shard in zip(self.actors, shards)]
+        pairs = zip(self.actors, shards, strict=True)
+        return [getattr(a, method).remote(*shard, **kwargs) for a, shard in pairs]
 
     def shutdown(self) -> None:
         for actor in self.actors:

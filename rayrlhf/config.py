@@ -165,18 +165,21 @@ class RunConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Schema <- YAML preset <- dotted overrides, then validation. Unknown keys are errors."""
     cfg = OmegaConf.structured(RunConfig)
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' is not of the form key=value")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise ConfigError(_explain(err)) from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {_explain(err)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override '{item}': {_explain(err)}") from None
     validate(cfg)
     return cfg
 
@@ -261,6 +264,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            f"must be float32, bfloat16 or float16, got {cfg.model.dtype}")
+
+    _check((cfg.actor.gpus_per_rank > 0) == (cfg.rollout.gpus_per_engine > 0), "rollout.gpus_per_engine",
+           "and actor.gpus_per_rank must both be > 0 (NCCL weight sync) or both 0 (gloo)")
 
     batch = cfg.trainer.prompts_per_step * cfg.rollout.n
     mini = cfg.algorithm.train_batch_size

@@ -116,13 +116,13 @@ def prepare_models(cfg: DictConfig):
     """Build the tiny model if asked, check every model path, and return the tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if cfg.model.build_tiny:
-        ensure_tiny_model(cfg.model.path, seed=cfg.seed)
-    checks = {"model.path": cfg.model.path, "reward.model_path": cfg.reward.model_path,
-              "critic.model_path": cfg.critic.model_path, "model.tokenizer": cfg.model.tokenizer}
+    checks = {"reward.model_path": cfg.reward.model_path, "critic.model_path": cfg.critic.model_path,
+              "model.tokenizer": cfg.model.tokenizer, "model.path": cfg.model.path}
     for key, path in checks.items():
         if not path:
             continue
+        if key == "model.path" and cfg.model.build_tiny:
+            ensure_tiny_model(path, seed=cfg.seed)
         looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
         if looks_local and not Path(path).expanduser().exists():
             raise ModelError(f"{key} '{path}' does not exist")

@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 
 from rayrlhf.batch import Batch
-from rayrlhf.modeling import (default_device, infer_in_micro_batches, load_causal_lm,
-                              load_scalar_model, policy_logprobs, sequence_scores)
+from rayrlhf.modeling import (
+    default_device,
+    infer_in_micro_batches,
+    load_causal_lm,
+    load_scalar_model,
+    policy_logprobs,
+    sequence_scores,
+)
 from rayrlhf.rewards import RULES
 
 
@@ -39,7 +45,7 @@ class RewardWorker:
 
     def scores(self, batch: Batch, prompts: list[str], responses: list[str]) -> torch.Tensor:
         if self.rule is not None:
-            return torch.tensor([self.rule(p, r) for p, r in zip(prompts, responses)],
+            return torch.tensor([self.rule(p, r) for p, r in zip(prompts, responses, strict=True)],
                                 dtype=torch.float32)
         return infer_in_micro_batches(sequence_scores, self.model, batch, self.micro_batch_size,
                                       self.device)

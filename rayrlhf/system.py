@@ -90,7 +90,8 @@ class RLHFSystem:
         shards = split_evenly([p.token_ids for p in prompts], len(self.rollout.actors))
         per_prompt = [s for part in ray.get(self.rollout.scatter(
             "generate", [(shard,) for shard in shards])) for s in part]
-        flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt) for sample in samples]
+        flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True)
+                for sample in samples]
         batch = build_batch([p.token_ids for p, _ in flat], [s.response_ids for _, s in flat],
                             self.pad_token_id)
         width = batch["sequences"].shape[1] - batch.prompt_len
@@ -110,7 +111,7 @@ class RLHFSystem:
         ref = self.reference.scatter("logprobs", [(b,) for b in shards(self.reference)])
         rew = self.reward.scatter("scores", list(zip(shards(self.reward),
                                                      split_evenly(prompts, n_reward),
-                                                     split_evenly(responses, n_reward))))
+                                                     split_evenly(responses, n_reward), strict=True)))
         old = self.actor.scatter("infer", [(b,) for b in shards(self.actor)])
         val = self.critic.scatter("infer", [(b,) for b in shards(self.critic)])
         batch["scores"] = torch.cat(ray.get(rew))

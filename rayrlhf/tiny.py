@@ -37,6 +37,9 @@ def build_tiny_model(path: str | Path, kind: str = "causal_lm", hidden_size: int
     head_dim stays at 32: the vLLM CPU attention kernel refuses smaller heads.
     """
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path = Path(path)
     tokenizer = build_tokenizer()
@@ -62,5 +65,6 @@ def ensure_tiny_model(path: str | Path, **kwargs) -> Path:
     """Build the tiny model at `path` unless an earlier run already did."""
     path = Path(path)
     if not (path / MARKER).exists():
+        print(f"building a tiny random model at {path}")
         build_tiny_model(path, **kwargs)
     return path

@@ -11,8 +11,16 @@ import torch
 from rayrlhf import weight_sync
 from rayrlhf.algorithms import policy_loss, value_loss
 from rayrlhf.batch import Batch
-from rayrlhf.modeling import (DTYPES, default_device, infer_in_micro_batches, load_causal_lm,
-                              load_scalar_model, policy_logprobs, to_device, token_values)
+from rayrlhf.modeling import (
+    DTYPES,
+    default_device,
+    infer_in_micro_batches,
+    load_causal_lm,
+    load_scalar_model,
+    policy_logprobs,
+    to_device,
+    token_values,
+)
 
 
 def node_address() -> tuple[str, int]:

@@ -1,0 +1,31 @@
+import os
+
+import pytest
+
+# The engine runs inside its Ray actor (and inside this process, where a test starts one).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory):
+    from rayrlhf.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "policy", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory):
+    from rayrlhf.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "reward", kind="reward", seed=1))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every integration test; each run removes its own actors."""
+    import ray
+
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

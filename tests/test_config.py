@@ -1,0 +1,47 @@
+"""Config loading: presets, overrides, and errors that name the bad key before any actor starts."""
+
+import pytest
+
+from rayrlhf.config import ConfigError, load_config
+
+PRESET = "conf/tiny_ppo.yaml"
+
+
+def test_preset_and_overrides_merge():
+    cfg = load_config(PRESET, ["trainer.total_steps=3", "actor.zero_stage=3", "seed=7"])
+    assert cfg.trainer.total_steps == 3
+    assert cfg.actor.zero_stage == 3
+    assert cfg.seed == 7
+    assert cfg.model.build_tiny is True  # from the preset
+    assert cfg.critic.zero_stage == 2  # from the schema default
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.totl_steps=3", "unknown config key 'trainer.totl_steps'"),
+    ("nonsense=1", "unknown config key 'nonsense'"),
+    ("trainer.total_steps=abc", "bad value for config key 'trainer.total_steps'"),
+    ("trainer.total_steps=0", "'trainer.total_steps' must be >= 1"),
+    ("actor.zero_stage=4", "'actor.zero_stage' must be 0, 1, 2 or 3"),
+    ("algorithm.clip_eps=1.5", "'algorithm.clip_eps' must be in (0, 1)"),
+    ("rollout.temperature=0", "'rollout.temperature' must be > 0"),
+    ("algorithm.train_batch_size=100", "'algorithm.train_batch_size' (100) must divide"),
+    ("actor.micro_batch_size=48", "'actor.micro_batch_size'"),
+    ("model.dtype=int8", "'model.dtype' must be float32, bfloat16 or float16"),
+    ("trainer.total_steps", "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(PRESET, [override])
+    assert message in str(err.value)
+
+
+def test_missing_model_path_and_missing_file():
+    with pytest.raises(ConfigError, match="'model.path' is required"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("conf/no_such.yaml", [])
+
+
+def test_gpu_roles_must_agree_for_weight_sync():
+    with pytest.raises(ConfigError, match="rollout.gpus_per_engine"):
+        load_config(PRESET, ["actor.gpus_per_rank=1"])
