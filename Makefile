@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/rayrlhf train --config conf/tiny_ppo.yaml $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check rayrlhf tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/pytest tests
