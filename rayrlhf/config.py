@@ -11,6 +11,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rayrlhf.errors import RayRLHFError
+from rayrlhf.rewards import RULES
 
 
 class ConfigError(RayRLHFError):
@@ -262,6 +263,8 @@ def validate(cfg: DictConfig) -> None:
            f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
     _check(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
+    _check(bool(cfg.reward.model_path) or cfg.reward.rule in RULES, "reward.rule",
+           f"must be one of {sorted(RULES)} when reward.model_path is empty, got '{cfg.reward.rule}'")
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            f"must be float32, bfloat16 or float16, got {cfg.model.dtype}")
 

@@ -1,5 +1,7 @@
 """Config loading: presets, overrides, and errors that name the bad key before any actor starts."""
 
+from pathlib import Path
+
 import pytest
 
 from rayrlhf.config import ConfigError, load_config
@@ -45,3 +47,13 @@ def test_missing_model_path_and_missing_file():
 def test_gpu_roles_must_agree_for_weight_sync():
     with pytest.raises(ConfigError, match="rollout.gpus_per_engine"):
         load_config(PRESET, ["actor.gpus_per_rank=1"])
+
+
+@pytest.mark.parametrize("preset", sorted(str(p) for p in Path("conf").glob("*.yaml")))
+def test_every_preset_loads(preset):
+    assert load_config(preset, []).trainer.total_steps >= 1
+
+
+def test_unknown_reward_rule():
+    with pytest.raises(ConfigError, match="'reward.rule' must be one of"):
+        load_config(PRESET, ["reward.rule=nope"])

@@ -74,3 +74,11 @@ def test_sampler_is_reproducible_and_covers_every_prompt(tokenizer):
     assert first == again
     sampler = PromptSampler(prompts, 10, seed=3)
     assert sorted(p.text for p in sampler.next_batch()) == sorted(p.text for p in prompts)
+
+
+def test_chat_template_wraps_each_prompt(tmp_path, tokenizer):
+    tokenizer.chat_template = "{% for m in messages %}q: {{ m['content'] }}{% endfor %} a:"
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "abc"}\n')
+    prompts = load_prompts(data_cfg(path=str(path), chat_template="true"), tokenizer, "alphabet", 0)
+    assert tokenizer.decode(prompts[0].token_ids) == "q: abc a:"
