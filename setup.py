@@ -11,6 +11,8 @@ setup(
         "ray[default]==2.60.0",
         "transformers>=5.16.1,<5.20",
         "deepspeed==0.19.8",
+        # transformers needs it to load straight into ZeRO-3 partitions.
+        "accelerate",
         "omegaconf==2.4.0",
         "tokenizers",
         "datasets",
