@@ -59,11 +59,8 @@ class RolloutConfig:
 
 
 @dataclass
-class RewardConfig:
-    # A built-in rule (see rayrlhf.rewards.RULES) or, when `model_path` is set, a reward model.
-    rule: str = "alphabet"
-    # HF sequence-classification reward model; takes precedence over `rule`.
-    model_path: str = ""
+class ReferenceConfig:
+    """Frozen-model workers (the reference policy; the reward extends it)."""
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
@@ -71,11 +68,11 @@ class RewardConfig:
 
 
 @dataclass
-class ReferenceConfig:
-    num_workers: int = 1
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 0.0
-    micro_batch_size: int = 64
+class RewardConfig(ReferenceConfig):
+    # A built-in rule (see rayrlhf.rewards.RULES) or, when `model_path` is set, a reward model.
+    rule: str = "alphabet"
+    # HF sequence-classification reward model; takes precedence over `rule`.
+    model_path: str = ""
 
 
 @dataclass

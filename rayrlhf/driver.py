@@ -7,6 +7,7 @@ from pathlib import Path
 import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from rayrlhf import algorithms as alg
 from rayrlhf.batch import Batch
@@ -30,7 +31,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
     started_ray = start_ray(cfg.ray)
     system, log, history = None, None, []
     try:
-        system = RLHFSystem(cfg, cfg.model.path, tokenizer.pad_token_id)
+        system = RLHFSystem(cfg, tokenizer.pad_token_id)
         kl_ctl = alg.AdaptiveKLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target or None,
                                           cfg.algorithm.kl_horizon)
         log = MetricsLog(output_dir, cfg.trainer.total_steps)
@@ -50,13 +51,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 save_policy(system, tokenizer, output_dir / f"policy_step{step}")
 
-            metrics = {"step": step, **feedback, **learn, **rollout_stats(batch), **timer.metrics()}
-            if cfg.weight_sync.check_every and step % cfg.weight_sync.check_every == 0:
-                metrics.update(logprob_gap(batch, cfg.weight_sync.warn_gap, step))
-            metrics["sync/bytes"] = sync_bytes
-            metrics["sync/gb_per_s"] = sync_bytes / 1e9 / max(metrics["time/weight_sync"], 1e-9)
-            metrics["throughput/tokens_per_s"] = batch["mask"].sum().item() / metrics["time/step"]
-            metrics["kl/coef"] = kl_ctl.coef
+            metrics = step_metrics(step, batch, feedback, learn, sync_bytes, timer, cfg.weight_sync)
             log.log(metrics)
             history.append(metrics)
         save_policy(system, tokenizer, output_dir / "policy")
@@ -85,12 +80,21 @@ def add_advantages(batch: Batch, algo, kl_coef: float) -> dict[str, float]:
         "kl/mean": kl.sum(dim=1).mean().item(),
         "returns/mean": alg.masked_mean(returns, mask).item(),
         "values/mean": alg.masked_mean(batch["old_values"], mask).item(),
+        "kl/coef": kl_coef,
     }
 
 
-def rollout_stats(batch: Batch) -> dict[str, float]:
-    return {"response/length_mean": batch["response_lengths"].float().mean().item(),
-            "response/truncated_frac": batch["truncated"].mean().item()}
+def step_metrics(step: int, batch: Batch, feedback: dict, learn: dict, sync_bytes: int,
+                 timer: StageTimer, sync_cfg) -> dict[str, float]:
+    metrics = {"step": step, **feedback, **learn, **timer.metrics(),
+               "response/length_mean": batch["response_lengths"].float().mean().item(),
+               "response/truncated_frac": batch["truncated"].mean().item(),
+               "sync/bytes": sync_bytes}
+    metrics["sync/gb_per_s"] = sync_bytes / 1e9 / max(metrics["time/weight_sync"], 1e-9)
+    metrics["throughput/tokens_per_s"] = batch["mask"].sum().item() / metrics["time/step"]
+    if sync_cfg.check_every and step % sync_cfg.check_every == 0:
+        metrics.update(logprob_gap(batch, sync_cfg.warn_gap, step))
+    return metrics
 
 
 def logprob_gap(batch: Batch, warn_gap: float, step: int) -> dict[str, float]:
@@ -98,8 +102,8 @@ def logprob_gap(batch: Batch, warn_gap: float, step: int) -> dict[str, float]:
     gap = (batch["engine_logprobs"] - batch["old_logprobs"]).abs()
     mean = alg.masked_mean(gap, batch["mask"]).item()
     if mean > warn_gap:
-        print(f"warning: step {step}: engine and trainer log-probs differ by {mean:.4f} on average "
-              f"(weight_sync.warn_gap={warn_gap}); the engines may hold stale weights")
+        tqdm.write(f"warning: step {step}: engine and trainer log-probs differ by {mean:.4f} on "
+                   f"average (weight_sync.warn_gap={warn_gap}); the engines may hold stale weights")
     return {"sync/logprob_gap_mean": mean, "sync/logprob_gap_max": (gap * batch["mask"]).max().item()}
 
 

@@ -34,9 +34,10 @@ class StageTimer:
 class MetricsLog:
     """One JSON object per iteration in metrics.jsonl, and a progress bar with the key numbers."""
 
-    def __init__(self, output_dir: Path, total_steps: int, first_step: int = 1):
-        self.file = (output_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        self.bar = tqdm(total=total_steps, initial=first_step - 1, desc="ppo", unit="step",
+    def __init__(self, output_dir: Path, total_steps: int):
+        # Rewritten by each run (resuming is not supported yet).
+        self.file = (output_dir / "metrics.jsonl").open("w", encoding="utf-8")
+        self.bar = tqdm(total=total_steps, desc="ppo", unit="step",
                         dynamic_ncols=True)
 
     def log(self, metrics: dict[str, float]) -> None:

@@ -24,8 +24,9 @@ def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
 
 
 class RLHFSystem:
-    def __init__(self, cfg, model_path: str, pad_token_id: int):
+    def __init__(self, cfg, pad_token_id: int):
         self.cfg = cfg
+        model_path = cfg.model.path
         self.pad_token_id = pad_token_id
         self.groups: list[RoleGroup] = []
         threads = cfg.ray.threads_per_actor
