@@ -49,9 +49,48 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return out * mask
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k1 estimate of KL(pi || pi_ref): log pi - log pi_ref."""
-    return logprobs - ref_logprobs
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman's k1/k2/k3).
+
+    k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r, with log r = log pi - log pi_ref.
+    k1 is unbiased but can be negative; k3 is unbiased and never negative; k2 is biased, low-variance.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.exp(-log_ratio) - 1.0 + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str,
+              norm_len: int | None = None) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar.
+
+    token_mean: every valid token weighs the same (long responses weigh more).
+    seq_mean_token_mean: mean per sequence, then over sequences (every response weighs the same).
+    seq_mean_token_sum_norm: token sum divided by (sequences x norm_len), a constant length, so
+    the loss is not biased toward short or long responses (Dr. GRPO).
+    """
+    if mode == "token_mean":
+        return masked_mean(values, mask)
+    rows = (mask.sum(dim=1) > 0).float()
+    if mode == "seq_mean_token_mean":
+        per_seq = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return (per_seq * rows).sum() / rows.sum().clamp(min=1.0)
+    if mode == "seq_mean_token_sum_norm":
+        if norm_len is None:
+            raise ValueError("seq_mean_token_sum_norm needs norm_len")
+        return (values * mask).sum() / (rows.sum().clamp(min=1.0) * norm_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
@@ -88,19 +127,38 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate: -mean(min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A))."""
+                mask: torch.Tensor, clip_low: float, clip_high: float | None = None,
+                dual_clip: float | None = None, agg: str = "token_mean", norm_len: int | None = None,
+                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate, per token max(-ratio A, -clip(ratio, 1 - low, 1 + high) A).
+
+    clip_high > clip_low is "clip-higher" (DAPO). dual_clip = c > 1 also caps the loss of
+    negative-advantage tokens at -c A, so a huge ratio cannot blow it up. is_weights multiply
+    each token's loss (truncated importance sampling against the engine's sampling policy).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
     ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = masked_mean(-torch.min(unclipped, clipped), mask)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.max(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = torch.where(advantages < 0, torch.min(per_token, -advantages * dual_clip), per_token)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    loss = aggregate(per_token, mask, agg, norm_len)
     with torch.no_grad():
         stats = {
-            "clip_frac": masked_mean((clipped < unclipped).float(), mask),
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
             "approx_kl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax of the last dimension."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
@@ -116,6 +174,70 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
         clip_frac = masked_mean((clipped > unclipped).float(), mask).detach()
     return loss, {"clip_frac": clip_frac}
+
+
+def shape_scores(scores: torch.Tensor, truncated: torch.Tensor, valid: torch.Tensor,
+                 truncated_penalty: float, normalize: bool, clip: float | None,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """Score post-processing, in order: add the penalty to truncated responses, normalise over the
+    batch's valid samples, clip to [-clip, clip]. Invalid samples get 0."""
+    valid = valid.float()
+    out = scores + truncated_penalty * truncated
+    if normalize:
+        count = valid.sum().clamp(min=1.0)
+        mean = (out * valid).sum() / count
+        std = (((out - mean) ** 2 * valid).sum() / (count - 1).clamp(min=1.0)).sqrt()
+        out = (out - mean) / (std + eps)
+    if clip is not None:
+        out = out.clamp(-clip, clip)
+    return out * valid
+
+
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
+# Estimators that compare the n samples of one prompt with each other.
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+
+
+def outcome_scores(scores: torch.Tensor, estimator: str, group_size: int, valid: torch.Tensor,
+                   greedy_scores: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """The sequence-level signal each estimator puts on the last token, before KL and returns.
+
+    Rows i*n .. i*n + n - 1 are the n samples of prompt i; invalid samples take no part in
+    the group statistics and get 0.
+      gae, reinforce_pp: the score itself (the critic or batch whitening does the rest)
+      grpo: (s - group mean) / (group std + eps);  dr_grpo, reinforce_pp_baseline: s - group mean
+      rloo: s - mean of the other samples of the group;  remax: s - score of the greedy response
+    """
+    valid = valid.float()
+    if estimator in ("gae", "reinforce_pp"):
+        return scores * valid
+    if estimator == "remax":
+        return (scores - greedy_scores.repeat_interleave(group_size)) * valid
+    s = (scores * valid).view(-1, group_size)
+    v = valid.view(-1, group_size)
+    count = v.sum(dim=1, keepdim=True)
+    mean = s.sum(dim=1, keepdim=True) / count.clamp(min=1.0)
+    if estimator in ("dr_grpo", "reinforce_pp_baseline"):
+        out = s - mean
+    elif estimator == "grpo":
+        var = ((s - mean) ** 2 * v).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1.0)
+        out = (s - mean) / (var.sqrt() + eps)
+    elif estimator == "rloo":
+        out = s - (s.sum(dim=1, keepdim=True) - s) / (count - 1).clamp(min=1.0)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}")
+    return (out * v).view(-1)
+
+
+@torch.no_grad()
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """return_i = sum_{j >= i} gamma^(j - i) r_j over valid tokens (no critic)."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for i in reversed(range(rewards.shape[1])):
+        running = rewards[:, i] * mask[:, i] + gamma * running * mask[:, i] + running * (1 - mask[:, i])
+        returns[:, i] = running * mask[:, i]
+    return returns
 
 
 class AdaptiveKLController:

@@ -1,8 +1,9 @@
-"""`rayrlhf train --config conf/FILE.yaml [key=value ...]`"""
+"""`rayrlhf train --config conf/FILE.yaml [key=value ...]` and `rayrlhf serve-rm --model PATH`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--config", type=Path, default=None,
                            help=f"YAML preset (default: {DEFAULT_CONFIG})")
     train_cmd.add_argument("overrides", nargs="*", metavar="key=value")
+    serve_cmd = commands.add_parser("serve-rm", help="serve a reward model over HTTP")
+    serve_cmd.add_argument("--model", required=True, help="HF sequence-classification reward model")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--token", default=os.environ.get("RAYRLHF_REWARD_TOKEN", ""),
+                           help="require 'Authorization: Bearer TOKEN' (default: $RAYRLHF_REWARD_TOKEN)")
+    serve_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve_cmd.add_argument("--micro-batch-size", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.command == "serve-rm":
+        return _serve_rm(args)
 
     from rayrlhf.config import load_config
 
@@ -42,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     last = history[-1]
     print(f"done: {len(history)} steps, reward/mean {last['reward/mean']:.3f}, "
           f"outputs in {cfg.output_dir}")
+    return 0
+
+
+def _serve_rm(args) -> int:
+    from rayrlhf.reward_server import serve
+
+    if not os.path.exists(args.model):
+        print(f"rayrlhf: error: reward model '{args.model}' does not exist", file=sys.stderr)
+        return 2
+    serve(args.model, args.host, args.port, args.token, args.dtype, args.micro_batch_size)
     return 0
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rayrlhf.algorithms import ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from rayrlhf.errors import RayRLHFError
-from rayrlhf.rewards import RULES
 
 
 class ConfigError(RayRLHFError):
@@ -51,7 +51,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    # Responses sampled per prompt.
+    repetition_penalty: float = 1.0
+    # Strings that end a response (kept in it, so text and tokens agree).
+    stop: list[str] = field(default_factory=list)
+    # Responses sampled per prompt (the group of the critic-free estimators).
     n: int = 1
     # vLLM KV cache size on CPU (GiB) and memory fraction on GPU.
     kv_cache_gib: int = 1
@@ -68,11 +71,40 @@ class ReferenceConfig:
 
 
 @dataclass
+class RewardModelSpec:
+    # HF sequence-classification reward model (one label), read at the last real token.
+    path: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
+class RemoteRewardSpec:
+    # A `rayrlhf serve-rm` server, e.g. http://127.0.0.1:8000.
+    url: str = MISSING
+    weight: float = 1.0
+    # Bearer token; use `${oc.env:VAR}` to read it from the environment instead of the file.
+    token: str = ""
+
+
+@dataclass
 class RewardConfig(ReferenceConfig):
-    # A built-in rule (see rayrlhf.rewards.RULES) or, when `model_path` is set, a reward model.
-    rule: str = "alphabet"
-    # HF sequence-classification reward model; takes precedence over `rule`.
-    model_path: str = ""
+    """The score of a response is the weighted sum of every configured source."""
+    # A built-in function (see rayrlhf.rewards.BUILTIN) or `path/to/file.py[:name]` with
+    # reward(prompts, responses, **fields) -> list[float]; empty or null for none.
+    function: str | None = "alphabet"
+    function_weight: float = 1.0
+    models: list[RewardModelSpec] = field(default_factory=list)
+    remote: list[RemoteRewardSpec] = field(default_factory=list)
+    remote_timeout_s: float = 30.0
+    remote_retries: int = 2
+    # Added to the score of responses cut at max_new_tokens (e.g. -1.0); 0 is off.
+    truncated_penalty: float = 0.0
+    # Normalise scores over the batch (zero mean, unit variance), then clip to +-clip (0 is off).
+    normalize: bool = False
+    clip: float = 0.0
+    # A sample whose reward is unusable (the function raised, gave the wrong count or NaN):
+    # false stops the run naming it; true drops it from training and counts it in the metrics.
+    skip_invalid: bool = False
 
 
 @dataclass
@@ -97,16 +129,32 @@ class CriticConfig(TrainerRoleConfig):
 
 @dataclass
 class AlgorithmConfig:
+    # gae (PPO with a critic), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, remax.
+    estimator: str = "gae"
     gamma: float = 1.0
     lam: float = 0.95
+    # PPO clip range [1 - clip_eps, 1 + clip_eps_high]; clip_eps_high unset means clip_eps.
     clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    # Dual clip c > 1 caps the loss of negative-advantage tokens at c |A|; unset is off.
+    dual_clip: float | None = None
+    entropy_coef: float = 0.0
+    # token_mean, seq_mean_token_mean or seq_mean_token_sum_norm (normalised by max_new_tokens).
+    loss_agg: str = "token_mean"
     # Value clipping range around the old values; 0 turns value clipping off.
     value_clip_eps: float = 0.2
+    # KL to the reference: estimator k1/k2/k3, in the per-token reward or as a loss term.
+    kl_estimator: str = "k1"
+    kl_in: str = "reward"
+    # 0 with no KL anywhere: no reference actors are started.
     kl_coef: float = 0.05
     # Adaptive KL controller: a target KL per sequence; 0 keeps `kl_coef` fixed.
     kl_target: float = 0.0
     kl_horizon: int = 10000
+    # Whitening of GAE advantages (REINFORCE++ always whitens; group estimators never).
     whiten_advantages: bool = True
+    # Truncated importance sampling: weight each token by min(pi_old / pi_engine, tis_cap).
+    tis_cap: float | None = None
     ppo_epochs: int = 1
     # Prompts x samples per optimizer step; must divide the rollout batch.
     train_batch_size: int = 64
@@ -119,6 +167,16 @@ class TrainerConfig:
     prompts_per_step: int = 64
     # Save the policy (HF format) every N steps; 0 saves only at the end.
     save_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate every N steps on held-out prompts (0: never).
+    every: int = 0
+    # Prompt file (same formats and fields as data); empty uses fresh built-in prompts.
+    path: str = ""
+    size: int = 64
+    greedy: bool = True
 
 
 @dataclass
@@ -156,6 +214,7 @@ class RunConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -252,16 +311,14 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _check(0 < value <= 1 or (key != "rollout.top_p" and value == 0), key,
                f"must be in (0, 1], got {value}")
-    _check(0 < cfg.algorithm.clip_eps < 1, "algorithm.clip_eps",
-           f"must be in (0, 1), got {cfg.algorithm.clip_eps}")
     _check(cfg.rollout.temperature > 0, "rollout.temperature",
            f"must be > 0 (training log-probs divide by it), got {cfg.rollout.temperature}")
     _check(cfg.rollout.top_k == -1 or cfg.rollout.top_k >= 1, "rollout.top_k",
            f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
     _check(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
-    _check(bool(cfg.reward.model_path) or cfg.reward.rule in RULES, "reward.rule",
-           f"must be one of {sorted(RULES)} when reward.model_path is empty, got '{cfg.reward.rule}'")
+    _check_algorithm(cfg)
+    _check_reward(cfg)
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            f"must be float32, bfloat16 or float16, got {cfg.model.dtype}")
 
@@ -278,3 +335,44 @@ def validate(cfg: DictConfig) -> None:
                f"x {role}.num_ranks ({micro} x {ranks}) must divide algorithm.train_batch_size ({mini})")
     _check(cfg.rollout.num_engines <= cfg.trainer.prompts_per_step, "rollout.num_engines",
            "must not exceed trainer.prompts_per_step")
+
+
+def _one_of(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def _check_algorithm(cfg: DictConfig) -> None:
+    algo = cfg.algorithm
+    _one_of(cfg, "algorithm.estimator", ESTIMATORS)
+    _one_of(cfg, "algorithm.kl_estimator", KL_ESTIMATORS)
+    _one_of(cfg, "algorithm.loss_agg", LOSS_AGGREGATIONS)
+    _one_of(cfg, "algorithm.kl_in", ("reward", "loss"))
+    _check(0 < algo.clip_eps < 1, "algorithm.clip_eps", f"must be in (0, 1), got {algo.clip_eps}")
+    _check(algo.clip_eps_high is None or algo.clip_eps_high > 0, "algorithm.clip_eps_high",
+           f"must be > 0, got {algo.clip_eps_high}")
+    _check(algo.dual_clip is None or algo.dual_clip > 1, "algorithm.dual_clip",
+           f"must be > 1, got {algo.dual_clip}")
+    _check(algo.tis_cap is None or algo.tis_cap > 0, "algorithm.tis_cap", f"must be > 0, got {algo.tis_cap}")
+    _check(algo.entropy_coef >= 0, "algorithm.entropy_coef", f"must be >= 0, got {algo.entropy_coef}")
+    if algo.estimator in GROUP_ESTIMATORS:
+        _check(cfg.rollout.n >= 2, "rollout.n",
+               f"must be >= 2 for algorithm.estimator={algo.estimator} (it compares samples of a prompt)")
+    _check(cfg.rollout.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0")
+    _check(cfg.eval.every >= 0, "eval.every", f"must be >= 0, got {cfg.eval.every}")
+    _check(cfg.eval.size >= 1, "eval.size", f"must be >= 1, got {cfg.eval.size}")
+
+
+def _check_reward(cfg: DictConfig) -> None:
+    reward = cfg.reward
+    _check(bool(reward.function or reward.models or reward.remote), "reward",
+           "needs at least one source: reward.function, reward.models or reward.remote")
+    if reward.function and ":" not in reward.function and not reward.function.endswith(".py"):
+        from rayrlhf.rewards import BUILTIN
+
+        _check(reward.function in BUILTIN, "reward.function",
+               f"must be a built-in ({', '.join(BUILTIN)}) or path/to/file.py[:name]; "
+               f"got '{reward.function}'")
+    _check(reward.clip >= 0, "reward.clip", f"must be >= 0, got {reward.clip}")
+    _check(reward.remote_timeout_s > 0, "reward.remote_timeout_s", "must be > 0")
+    _check(reward.remote_retries >= 0, "reward.remote_retries", "must be >= 0")

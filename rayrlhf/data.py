@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayrlhf.errors import DataError
@@ -18,6 +18,8 @@ from rayrlhf.rewards import SYNTHETIC_PROMPTS
 class Prompt:
     text: str
     token_ids: list[int]
+    # The row's other columns, passed to a reward function as keyword lists.
+    fields: dict = field(default_factory=dict)
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -56,11 +58,16 @@ def _read_rows(path: Path) -> list[dict]:
     raise DataError(f"dataset {path}: unsupported format (use .jsonl, .parquet or a datasets directory)")
 
 
-def load_prompts(data_cfg, tokenizer, reward_rule: str, seed: int) -> list[Prompt]:
-    """Read, check and tokenise every prompt; any prompt over the length limit is an error."""
-    if data_cfg.path:
-        path = Path(data_cfg.path)
-        rows = _read_rows(path)
+def load_prompts(data_cfg, tokenizer, reward_function: str, seed: int, path: str | None = None,
+                 size: int | None = None) -> list[Prompt]:
+    """Read, check and tokenise every prompt; any prompt over the length limit is an error.
+
+    `path` and `size` default to data.path and data.synthetic_size (evaluation passes its own).
+    """
+    path = data_cfg.path if path is None else path
+    rows: list[dict] = []
+    if path:
+        rows = _read_rows(Path(path))
         if not rows:
             raise DataError(f"dataset {path} is empty")
         texts = []
@@ -71,9 +78,10 @@ def load_prompts(data_cfg, tokenizer, reward_rule: str, seed: int) -> list[Promp
                                 f"'{data_cfg.prompt_field}' (set data.prompt_field)")
             texts.append(value)
     else:
-        if reward_rule not in SYNTHETIC_PROMPTS:
-            raise DataError(f"no built-in prompt set for reward rule '{reward_rule}'; set data.path")
-        texts = SYNTHETIC_PROMPTS[reward_rule](data_cfg.synthetic_size, seed)
+        if reward_function not in SYNTHETIC_PROMPTS:
+            raise DataError(f"no prompts: set data.path (built-in prompts come only with a built-in "
+                            f"reward.function: {', '.join(SYNTHETIC_PROMPTS)})")
+        texts = SYNTHETIC_PROMPTS[reward_function](size or data_cfg.synthetic_size, seed)
 
     prompts = []
     for i, text in enumerate(texts):
@@ -88,7 +96,8 @@ def load_prompts(data_cfg, tokenizer, reward_rule: str, seed: int) -> list[Promp
                             f"{data_cfg.max_prompt_tokens}: {text[:60]!r}")
         if not ids:
             raise DataError(f"prompt {i} is empty after tokenisation")
-        prompts.append(Prompt(text, ids))
+        fields = {k: v for k, v in rows[i].items() if k != data_cfg.prompt_field} if rows else {}
+        prompts.append(Prompt(text, ids, fields))
     return prompts
 
 

@@ -12,46 +12,60 @@ from tqdm import tqdm
 from rayrlhf import algorithms as alg
 from rayrlhf.batch import Batch
 from rayrlhf.cluster import start_ray
-from rayrlhf.data import PromptSampler, load_prompts
+from rayrlhf.data import Prompt, PromptSampler, load_prompts
 from rayrlhf.errors import ModelError, RewardError
 from rayrlhf.metrics import MetricsLog, StageTimer
-from rayrlhf.system import RLHFSystem
+from rayrlhf.rewards import load_reward_function
+from rayrlhf.system import RLHFSystem, Rollout
 from rayrlhf.tiny import ensure_tiny_model
 
 
 def train(cfg: DictConfig) -> list[dict[str, float]]:
-    """Runs PPO as configured; returns the per-iteration metrics (also in metrics.jsonl)."""
+    """Runs PPO (or a critic-free relative) as configured; returns the per-iteration metrics."""
     output_dir = Path(cfg.output_dir)
     tokenizer = prepare_models(cfg)
-    prompts = load_prompts(cfg.data, tokenizer, cfg.reward.rule, cfg.seed)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.reward.function, cfg.seed)
     sampler = PromptSampler(prompts, cfg.trainer.prompts_per_step, cfg.seed)
+    eval_prompts = load_prompts(cfg.data, tokenizer, cfg.reward.function, cfg.seed + 1,
+                                path=cfg.eval.path, size=cfg.eval.size)[:cfg.eval.size] \
+        if cfg.eval.every else []
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
+    algo = cfg.algorithm
     started_ray = start_ray(cfg.ray)
     system, log, history = None, None, []
     try:
         system = RLHFSystem(cfg, tokenizer.pad_token_id)
-        kl_ctl = alg.AdaptiveKLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target or None,
-                                          cfg.algorithm.kl_horizon)
+        kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
         log = MetricsLog(output_dir, cfg.trainer.total_steps)
         for step in range(1, cfg.trainer.total_steps + 1):
             timer = StageTimer()
+            batch_prompts = sampler.next_batch()
             with timer("generate"):
-                batch, prompt_texts, response_texts = system.generate(sampler.next_batch())
+                rollout = system.generate(batch_prompts)
+                greedy = system.generate(batch_prompts, greedy=True) if algo.estimator == "remax" else None
             with timer("experience"):
-                system.score(batch, prompt_texts, response_texts)
-                check_scores(batch["scores"], prompt_texts, response_texts)
-                feedback = add_advantages(batch, cfg.algorithm, kl_ctl.coef)
+                feedback = apply_rewards(rollout, system.rewards(rollout), cfg.reward)
+                baseline = None
+                if greedy is not None:
+                    apply_rewards(greedy, system.rewards(greedy), cfg.reward)
+                    baseline = greedy.batch["scores"]
+                system.model_outputs(rollout.batch)
+                feedback |= add_advantages(rollout.batch, algo, kl_ctl.coef, cfg.rollout.n, baseline)
             with timer("train"):
-                learn = system.train(batch, seed=cfg.seed + step)
-            kl_ctl.update(feedback["kl/mean"], len(batch))
+                learn = system.train(rollout.batch, seed=cfg.seed + step, kl_coef=kl_ctl.coef)
+            if "kl/mean" in feedback:
+                kl_ctl.update(feedback["kl/mean"], len(rollout.batch))
             with timer("weight_sync"):
                 sync_bytes = system.sync_weights()
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 save_policy(system, tokenizer, output_dir / f"policy_step{step}")
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                with timer("eval"):
+                    feedback |= evaluate(system, eval_prompts, cfg.eval.greedy)
 
-            metrics = step_metrics(step, batch, feedback, learn, sync_bytes, timer, cfg.weight_sync)
+            metrics = step_metrics(step, rollout.batch, feedback, learn, sync_bytes, timer, cfg.weight_sync)
             log.log(metrics)
             history.append(metrics)
         save_policy(system, tokenizer, output_dir / "policy")
@@ -65,23 +79,72 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
     return history
 
 
-def add_advantages(batch: Batch, algo, kl_coef: float) -> dict[str, float]:
-    """Per-token rewards with the KL penalty, then GAE; adds `advantages` and `returns`."""
+def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg) -> dict[str, float]:
+    """Checks the reward workers' output, then puts the shaped scores into the batch.
+
+    An unusable reward stops the run naming the sample, unless reward.skip_invalid, which drops
+    the sample from training (its mask becomes 0) and counts it.
+    """
+    scores, reasons, batch = rewards["scores"], rewards["reasons"], rollout.batch
+    if reasons and (not reward_cfg.skip_invalid or len(reasons) == len(scores)):
+        row = min(reasons)
+        hint = "every sample of the batch failed" if reward_cfg.skip_invalid else \
+            "set reward.skip_invalid=true to drop such samples"
+        raise RewardError(f"reward for sample {row} is unusable: {reasons[row]} ({len(reasons)} such in "
+                          f"the batch; {hint}); prompt {rollout.prompts[row][:80]!r}, "
+                          f"response {rollout.responses[row][:80]!r}")
+    valid = torch.isfinite(scores)
+    raw = scores.nan_to_num(0.0)
+    batch["valid"] = valid.float()
+    batch["mask"] = batch["mask"] * batch["valid"][:, None]
+    batch["scores"] = alg.shape_scores(raw, batch["truncated"], valid, reward_cfg.truncated_penalty,
+                                       reward_cfg.normalize, reward_cfg.clip or None)
+    metrics = {"reward/mean": raw[valid].mean().item(),
+               "reward/std": raw[valid].std().item() if valid.sum() > 1 else 0.0,
+               "reward/invalid": float(len(reasons))}
+    for key, values in rewards["metrics"].items():
+        metrics[f"reward/{key}"] = values[valid].nanmean().item()
+    return metrics
+
+
+def add_advantages(batch: Batch, algo, kl_coef: float, group_size: int,
+                   greedy_scores: torch.Tensor | None = None) -> dict[str, float]:
+    """Per-token rewards (KL penalty and the estimator's outcome signal), then advantages and
+    returns: GAE with the critic, or discounted returns for the critic-free estimators."""
     mask = batch["mask"]
-    kl = alg.kl_penalty(batch["old_logprobs"], batch["ref_logprobs"]) * mask
-    rewards = alg.token_rewards(batch["scores"], kl, mask, kl_coef)
-    advantages, returns = alg.gae(rewards, batch["old_values"], mask, algo.gamma, algo.lam)
-    if algo.whiten_advantages:
-        advantages = alg.whiten(advantages, mask)
+    outcome = alg.outcome_scores(batch["scores"], algo.estimator, group_size, batch["valid"],
+                                 greedy_scores)
+    stats = {"kl/coef": kl_coef}
+    kl = torch.zeros_like(mask)
+    if "ref_logprobs" in batch.tensors:
+        kl = alg.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], algo.kl_estimator) * mask
+        k1 = alg.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
+        stats["kl/mean"] = (k1.sum(dim=1) * batch["valid"]).sum().item() / max(batch["valid"].sum().item(), 1)
+    rewards = alg.token_rewards(outcome, kl, mask, kl_coef if algo.kl_in == "reward" else 0.0)
+    if algo.estimator == "gae":
+        advantages, returns = alg.gae(rewards, batch["old_values"], mask, algo.gamma, algo.lam)
+        if algo.whiten_advantages:
+            advantages = alg.whiten(advantages, mask)
+        stats["values/mean"] = alg.masked_mean(batch["old_values"], mask).item()
+    else:
+        returns = alg.discounted_returns(rewards, mask, algo.gamma)
+        advantages = alg.whiten(returns, mask) if algo.estimator.startswith("reinforce_pp") else returns
     batch["advantages"], batch["returns"] = advantages, returns
-    return {
-        "reward/mean": batch["scores"].mean().item(),
-        "reward/std": batch["scores"].std().item() if len(batch) > 1 else 0.0,
-        "kl/mean": kl.sum(dim=1).mean().item(),
-        "returns/mean": alg.masked_mean(returns, mask).item(),
-        "values/mean": alg.masked_mean(batch["old_values"], mask).item(),
-        "kl/coef": kl_coef,
-    }
+    stats["returns/mean"] = alg.masked_mean(returns, mask).item()
+    return stats
+
+
+def evaluate(system: RLHFSystem, prompts: list[Prompt], greedy: bool) -> dict[str, float]:
+    """Held-out prompts through the current policy and the reward sources (nothing trains on them)."""
+    rollout = system.generate(prompts, greedy=greedy)
+    rewards = system.rewards(rollout)
+    valid = torch.isfinite(rewards["scores"])
+    metrics = {"eval/reward_mean": rewards["scores"][valid].mean().item() if valid.any() else float("nan"),
+               "eval/invalid": float((~valid).sum()),
+               "eval/response_length_mean": rollout.batch["response_lengths"].float().mean().item()}
+    for key, values in rewards["metrics"].items():
+        metrics[f"eval/{key}"] = values[valid].nanmean().item()
+    return metrics
 
 
 def step_metrics(step: int, batch: Batch, feedback: dict, learn: dict, sync_bytes: int,
@@ -107,21 +170,15 @@ def logprob_gap(batch: Batch, warn_gap: float, step: int) -> dict[str, float]:
     return {"sync/logprob_gap_mean": mean, "sync/logprob_gap_max": (gap * batch["mask"]).max().item()}
 
 
-def check_scores(scores: torch.Tensor, prompts: list[str], responses: list[str]) -> None:
-    """A NaN or infinite reward stops the run before anything trains on it."""
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        i = bad[0]
-        raise RewardError(f"reward for sample {i} is {scores[i].item()} ({len(bad)} non-finite in the "
-                          f"batch); prompt {prompts[i][:80]!r}, response {responses[i][:80]!r}")
-
-
 def prepare_models(cfg: DictConfig):
     """Build the tiny model if asked, check every model path, and return the tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
-    checks = {"reward.model_path": cfg.reward.model_path, "critic.model_path": cfg.critic.model_path,
-              "model.tokenizer": cfg.model.tokenizer, "model.path": cfg.model.path}
+    if cfg.reward.function:
+        load_reward_function(cfg.reward.function)  # fails here, before any actor starts
+    checks = {f"reward.models[{i}].path": spec.path for i, spec in enumerate(cfg.reward.models)}
+    checks |= {"critic.model_path": cfg.critic.model_path, "model.tokenizer": cfg.model.tokenizer,
+               "model.path": cfg.model.path}
     for key, path in checks.items():
         if not path:
             continue

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-STAGES = ("generate", "experience", "train", "weight_sync")
+STAGES = ("generate", "experience", "train", "weight_sync", "eval")
 
 
 class StageTimer:
@@ -43,7 +43,7 @@ class MetricsLog:
     def log(self, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
-        self.bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}",
+        self.bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0):.3f}",
                              len=f"{metrics['response/length_mean']:.1f}",
                              tok_s=f"{metrics['throughput/tokens_per_s']:.0f}", refresh=False)
         self.bar.update(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rayrlhf.algorithms import response_logprobs
+from rayrlhf.algorithms import entropy_from_logits, response_logprobs
 from rayrlhf.batch import Batch, position_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,8 +33,18 @@ def _model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
 
 def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
     """[B, N] log-probs of the response tokens under `model`."""
+    return policy_logprobs_and_entropy(model, batch, temperature, with_entropy=False)[0]
+
+
+def policy_logprobs_and_entropy(model, batch: Batch, temperature: float, with_entropy: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and, if asked, the entropy of the policy at each response position."""
     logits = model(**_model_inputs(batch), use_cache=False).logits
-    return response_logprobs(logits, batch["sequences"], batch.prompt_len, temperature)
+    logprobs = response_logprobs(logits, batch["sequences"], batch.prompt_len, temperature)
+    if not with_entropy:
+        return logprobs, None
+    scoring = logits[:, batch.prompt_len - 1:-1] / temperature
+    return logprobs, entropy_from_logits(scoring)
 
 
 def _scalar_head(model, batch: Batch) -> torch.Tensor:

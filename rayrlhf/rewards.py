@@ -1,4 +1,8 @@
-"""Built-in rule-based rewards: pure functions of (prompt, response) text, scored in the reward actors.
+"""Reward functions: the built-in rules and the loader for a user's own file.
+
+A reward function has the contract `reward(prompts: list[str], responses: list[str], **fields)
+-> list[float]`, where `fields` holds the dataset's other columns for the same rows. It may also
+return a dict {"reward": [...], "<metric>": [...]}; the other lists are logged as metrics.
 
 The default task, `alphabet`: a prompt is a run of consecutive letters ("cdef"); the response
 should go on with the alphabet ("ghijklmn", wrapping z -> a). The score is the number of response
@@ -9,9 +13,13 @@ the successor map scores close to 1.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import string
 from collections.abc import Callable
+from pathlib import Path
+
+from rayrlhf.errors import RewardError
 
 ALPHABET_TARGET_LEN = 8
 LETTERS = string.ascii_lowercase
@@ -41,5 +49,32 @@ def alphabet_prompts(count: int, seed: int) -> list[str]:
     return prompts
 
 
-RULES: dict[str, Callable[[str, str], float]] = {"alphabet": alphabet_reward}
+def alphabet(prompts: list[str], responses: list[str], **fields) -> list[float]:
+    return [alphabet_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+# Built-in reward functions, and the prompt sets that go with them when no dataset is given.
+BUILTIN: dict[str, Callable[..., list[float]]] = {"alphabet": alphabet}
 SYNTHETIC_PROMPTS: dict[str, Callable[[int, int], list[str]]] = {"alphabet": alphabet_prompts}
+
+
+def load_reward_function(spec: str) -> Callable[..., list[float]]:
+    """A built-in name, or `path/to/file.py` (function `reward`) or `path/to/file.py:name`."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    path, _, name = spec.partition(":")
+    name = name or "reward"
+    if not path.endswith(".py") or not Path(path).is_file():
+        raise RewardError(f"reward.function '{spec}': no built-in of that name ({', '.join(BUILTIN)}) "
+                          f"and no Python file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"rayrlhf_user_reward_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - the user's module failed to import
+        raise RewardError(f"reward.function '{spec}': importing {path} failed: "
+                          f"{type(err).__name__}: {err}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise RewardError(f"reward.function '{spec}': {path} has no function '{name}'")
+    return function

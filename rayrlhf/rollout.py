@@ -34,7 +34,8 @@ class RolloutWorker:
                        logprobs_mode="processed_logprobs")
 
     def generate(self, prompt_ids: list[list[int]], greedy: bool = False) -> list[list[Sample]]:
-        """`rollout.n` samples per prompt, each with the sampled tokens' log-probs."""
+        """`rollout.n` samples per prompt (one greedy response when `greedy`), with the sampled
+        tokens' log-probs after temperature and the other sampling transforms."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -42,7 +43,8 @@ class RolloutWorker:
         params = SamplingParams(
             n=1 if greedy else cfg.n, max_tokens=cfg.max_new_tokens,
             temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            logprobs=0,
+            repetition_penalty=cfg.repetition_penalty, stop=list(cfg.stop) or None,
+            include_stop_str_in_output=True, logprobs=0,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
                                     params, use_tqdm=False)

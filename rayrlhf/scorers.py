@@ -13,7 +13,8 @@ from rayrlhf.modeling import (
     policy_logprobs,
     sequence_scores,
 )
-from rayrlhf.rewards import RULES
+from rayrlhf.reward_server import RemoteRewardClient
+from rayrlhf.rewards import load_reward_function
 
 
 class ReferenceWorker:
@@ -31,21 +32,81 @@ class ReferenceWorker:
 
 
 class RewardWorker:
-    """One score per response: an HF reward model read at the last real token, or a rule on the text."""
+    """The weighted sum of every configured reward source, one score per response.
+
+    Sources: a reward function (built-in or the user's file), HF reward models read at the last
+    real token, and remote reward servers. A sample whose reward cannot be computed comes back
+    as NaN with the reason, so the driver can stop naming it or drop it.
+    """
 
     def __init__(self, reward_cfg, dtype: str):
         self.device = default_device()
-        self.micro_batch_size = reward_cfg.micro_batch_size
-        if reward_cfg.model_path:
-            self.model = load_scalar_model(reward_cfg.model_path, dtype).to(self.device).eval()
-            self.rule = None
-        else:
-            self.model = None
-            self.rule = RULES[reward_cfg.rule]
+        self.cfg = reward_cfg
+        self.function = load_reward_function(reward_cfg.function) if reward_cfg.function else None
+        self.models = [(spec.path, spec.weight, load_scalar_model(spec.path, dtype).to(self.device).eval())
+                       for spec in reward_cfg.models]
+        self.remotes = [(spec.url, spec.weight, RemoteRewardClient(
+            spec.url, spec.token, reward_cfg.remote_timeout_s, reward_cfg.remote_retries))
+            for spec in reward_cfg.remote]
 
-    def scores(self, batch: Batch, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        if self.rule is not None:
-            return torch.tensor([self.rule(p, r) for p, r in zip(prompts, responses, strict=True)],
-                                dtype=torch.float32)
-        return infer_in_micro_batches(sequence_scores, self.model, batch, self.micro_batch_size,
-                                      self.device)
+    def scores(self, batch: Batch, prompts: list[str], responses: list[str],
+               fields: dict[str, list]) -> dict:
+        """{"scores": [B] (NaN where unusable), "reasons": {row: why}, "metrics": {name: [B]}}."""
+        total = torch.zeros(len(prompts))
+        reasons: dict[int, str] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        if self.function is not None:
+            values, metrics, reasons = self._call_function(prompts, responses, fields)
+            total += self.cfg.function_weight * values
+        for path, weight, model in self.models:
+            values = infer_in_micro_batches(sequence_scores, model, batch, self.cfg.micro_batch_size,
+                                            self.device)
+            self._note_non_finite(values, f"reward model '{path}'", reasons)
+            total += weight * values
+        for url, weight, client in self.remotes:
+            values = torch.tensor(client.score(prompts, responses), dtype=torch.float32)
+            self._note_non_finite(values, f"remote reward '{url}'", reasons)
+            total += weight * values
+        for row in reasons:
+            total[row] = float("nan")
+        return {"scores": total, "reasons": reasons, "metrics": metrics}
+
+    @staticmethod
+    def _note_non_finite(values: torch.Tensor, source: str, reasons: dict[int, str]) -> None:
+        for row in (~torch.isfinite(values)).nonzero().flatten().tolist():
+            reasons.setdefault(row, f"{source} gave {values[row].item()}")
+
+    def _call_function(self, prompts, responses, fields) -> tuple[torch.Tensor, dict, dict[int, str]]:
+        name = self.cfg.function
+        try:
+            out = self.function(prompts, responses, **fields)
+            values, metrics = (out.pop("reward"), out) if isinstance(out, dict) else (out, {})
+            if len(values) != len(prompts):
+                raise ValueError(f"returned {len(values)} values for {len(prompts)} samples")
+            values = torch.tensor([float(v) for v in values], dtype=torch.float32)
+            metrics = {k: torch.tensor([float(x) for x in v], dtype=torch.float32)
+                       for k, v in metrics.items()}
+        except Exception as err:  # noqa: BLE001 - the user's function failed; find the sample(s)
+            if len(prompts) == 1:
+                return (torch.tensor([float("nan")]), {},
+                        {0: f"reward function '{name}' failed: {type(err).__name__}: {err}"})
+            return self._call_one_by_one(prompts, responses, fields)
+        reasons: dict[int, str] = {}
+        self._note_non_finite(values, f"reward function '{name}'", reasons)
+        return values, metrics, reasons
+
+    def _call_one_by_one(self, prompts, responses, fields):
+        """Score each sample alone, so a failure is pinned on the sample that causes it."""
+        values, reasons, per_metric = [], {}, {}
+        for row in range(len(prompts)):
+            one, metrics, why = self._call_function([prompts[row]], [responses[row]],
+                                                    {k: [v[row]] for k, v in fields.items()})
+            values.append(one)
+            if why:
+                reasons[row] = why[0]
+            for key, value in metrics.items():
+                per_metric.setdefault(key, {})[row] = value
+        nan = float("nan")
+        metrics = {k: torch.tensor([float(rows[r]) if r in rows else nan for r in range(len(prompts))])
+                   for k, rows in per_metric.items()}
+        return torch.cat(values), metrics, reasons

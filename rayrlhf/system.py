@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ray
 import torch
 
@@ -12,6 +14,25 @@ from rayrlhf.data import Prompt
 from rayrlhf.rollout import RolloutWorker
 from rayrlhf.scorers import ReferenceWorker, RewardWorker
 from rayrlhf.trainer import TrainerWorker
+
+
+@dataclass
+class Rollout:
+    batch: Batch
+    prompts: list[str]
+    responses: list[str]
+    # The prompts' dataset columns, one list per column, one entry per sample.
+    fields: dict[str, list]
+
+
+def roles_needed(cfg) -> set[str]:
+    """The reference is started only for a KL term, the critic only for GAE."""
+    roles = {"rollout", "reward", "actor"}
+    if cfg.algorithm.kl_coef > 0:
+        roles.add("reference")
+    if cfg.algorithm.estimator == "gae":
+        roles.add("critic")
+    return roles
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -38,16 +59,21 @@ class RLHFSystem:
                                        r.gpus_per_engine, threads, lambda i: (
                                            model_path, cfg.model.tokenizer, r, cfg.model.dtype,
                                            cfg.seed + i, max_model_len))
-            ref = cfg.reference
-            self.reference = self._group("reference", ReferenceWorker, ref.num_workers,
-                                         ref.cpus_per_worker, ref.gpus_per_worker, threads, lambda i: (
-                                             model_path, cfg.model.dtype, ref.micro_batch_size,
-                                             r.temperature))
+            roles = roles_needed(cfg)
+            self.reference = None
+            if "reference" in roles:
+                ref = cfg.reference
+                self.reference = self._group("reference", ReferenceWorker, ref.num_workers,
+                                             ref.cpus_per_worker, ref.gpus_per_worker, threads, lambda i: (
+                                                 model_path, cfg.model.dtype, ref.micro_batch_size,
+                                                 r.temperature))
             rw = cfg.reward
             self.reward = self._group("reward", RewardWorker, rw.num_workers, rw.cpus_per_worker,
                                       rw.gpus_per_worker, threads, lambda i: (rw, cfg.model.dtype))
             self.actor = self._trainer_group("actor", model_path)
-            self.critic = self._trainer_group("critic", critic_path)
+            self.critic = None
+            if "critic" in roles:
+                self.critic = self._trainer_group("critic", critic_path)
             # Actor __init__ errors (a bad model, an engine that cannot start) surface here.
             ray.get([a.__ray_ready__.remote() for g in self.groups for a in g.actors])
             self._join_weight_sync()
@@ -68,7 +94,8 @@ class RLHFSystem:
                             lambda rank: (role, rank, role_cfg.num_ranks))
         master_addr, master_port = ray.get(group.actors[0].address.remote())
         ray.get(group.call("setup", master_addr, master_port, model_path, role_cfg, cfg.algorithm,
-                           cfg.model.dtype, cfg.rollout.temperature, cfg.seed))
+                           cfg.model.dtype, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
+                           cfg.seed))
         return group
 
     def _join_weight_sync(self) -> None:
@@ -86,11 +113,11 @@ class RLHFSystem:
 
     # Sample
 
-    def generate(self, prompts: list[Prompt]) -> tuple[Batch, list[str], list[str]]:
-        """Every prompt's `rollout.n` samples, as one batch in the shared layout plus their texts."""
+    def generate(self, prompts: list[Prompt], greedy: bool = False) -> Rollout:
+        """Every prompt's `rollout.n` samples (one if greedy), as one batch in the shared layout."""
         shards = split_evenly([p.token_ids for p in prompts], len(self.rollout.actors))
         per_prompt = [s for part in ray.get(self.rollout.scatter(
-            "generate", [(shard,) for shard in shards])) for s in part]
+            "generate", [(shard,) for shard in shards], greedy=greedy)) for s in part]
         flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True)
                 for sample in samples]
         batch = build_batch([p.token_ids for p, _ in flat], [s.response_ids for _, s in flat],
@@ -99,33 +126,46 @@ class RLHFSystem:
         batch["mask"] = response_mask(batch["sequences"][:, batch.prompt_len:], batch["response_lengths"])
         batch["engine_logprobs"] = pad_rows([s.logprobs for _, s in flat], width)
         batch["truncated"] = torch.tensor([not s.finished for _, s in flat], dtype=torch.float32)
-        return batch, [p.text for p, _ in flat], [s.text for _, s in flat]
+        field_names = flat[0][0].fields.keys()
+        return Rollout(batch, [p.text for p, _ in flat], [s.text for _, s in flat],
+                       {k: [p.fields.get(k) for p, _ in flat] for k in field_names})
 
     # Feedback
 
-    def score(self, batch: Batch, prompts: list[str], responses: list[str]) -> None:
-        """Adds scores, ref_logprobs, old_logprobs and old_values; the four roles run at once."""
-        def shards(group: RoleGroup) -> list[Batch]:
-            return batch.chunks(len(group.actors))
+    def rewards(self, rollout: Rollout) -> dict:
+        """The reward workers' output for every sample: scores, reasons for unusable ones, metrics."""
+        shards = split_evenly(list(range(len(rollout.prompts))), len(self.reward.actors))
+        parts = ray.get(self.reward.scatter("scores", [
+            (batch, [rollout.prompts[i] for i in rows], [rollout.responses[i] for i in rows],
+             {k: [v[i] for i in rows] for k, v in rollout.fields.items()})
+            for batch, rows in zip(rollout.batch.chunks(len(shards)), shards, strict=True)]))
+        return {
+            "scores": torch.cat([p["scores"] for p in parts]),
+            "reasons": {rows[row]: why for rows, p in zip(shards, parts, strict=True)
+                        for row, why in p["reasons"].items()},
+            "metrics": {k: torch.cat([p["metrics"][k] for p in parts]) for k in parts[0]["metrics"]},
+        }
 
-        n_reward = len(self.reward.actors)
-        ref = self.reference.scatter("logprobs", [(b,) for b in shards(self.reference)])
-        rew = self.reward.scatter("scores", list(zip(shards(self.reward),
-                                                     split_evenly(prompts, n_reward),
-                                                     split_evenly(responses, n_reward), strict=True)))
-        old = self.actor.scatter("infer", [(b,) for b in shards(self.actor)])
-        val = self.critic.scatter("infer", [(b,) for b in shards(self.critic)])
-        batch["scores"] = torch.cat(ray.get(rew))
-        batch["ref_logprobs"] = torch.cat(ray.get(ref))
-        batch["old_logprobs"] = torch.cat(ray.get(old))
-        batch["old_values"] = torch.cat(ray.get(val))
+    def model_outputs(self, batch: Batch) -> None:
+        """Adds old_logprobs, and ref_logprobs and old_values where those roles exist."""
+        def shards(group: RoleGroup) -> list[tuple[Batch]]:
+            return [(b,) for b in batch.chunks(len(group.actors))]
+
+        refs = {"old_logprobs": self.actor.scatter("infer", shards(self.actor))}
+        if self.reference is not None:
+            refs["ref_logprobs"] = self.reference.scatter("logprobs", shards(self.reference))
+        if self.critic is not None:
+            refs["old_values"] = self.critic.scatter("infer", shards(self.critic))
+        for key, group_refs in refs.items():
+            batch[key] = torch.cat(ray.get(group_refs))
 
     # Learn
 
-    def train(self, batch: Batch, seed: int) -> dict[str, float]:
+    def train(self, batch: Batch, seed: int, kl_coef: float) -> dict[str, float]:
         """Actor and critic train at once, each rank on its share; returns rank-averaged stats."""
-        refs = [self.actor.scatter("train", [(b, seed) for b in batch.chunks(len(self.actor.actors))]),
-                self.critic.scatter("train", [(b, seed) for b in batch.chunks(len(self.critic.actors))])]
+        groups = [g for g in (self.actor, self.critic) if g is not None]
+        refs = [g.scatter("train", [(b, seed, kl_coef) for b in batch.chunks(len(g.actors))])
+                for g in groups]
         stats: dict[str, float] = {}
         for group_refs in refs:
             per_rank = ray.get(group_refs)

@@ -9,7 +9,7 @@ from collections import defaultdict
 import torch
 
 from rayrlhf import weight_sync
-from rayrlhf.algorithms import policy_loss, value_loss
+from rayrlhf.algorithms import aggregate, kl_estimate, policy_loss, value_loss
 from rayrlhf.batch import Batch
 from rayrlhf.modeling import (
     DTYPES,
@@ -18,6 +18,7 @@ from rayrlhf.modeling import (
     load_causal_lm,
     load_scalar_model,
     policy_logprobs,
+    policy_logprobs_and_entropy,
     to_device,
     token_values,
 )
@@ -61,7 +62,7 @@ class TrainerWorker:
         return node_address()
 
     def setup(self, master_addr: str, master_port: int, model_path: str, role_cfg, algo_cfg,
-              dtype: str, temperature: float, seed: int) -> None:
+              dtype: str, temperature: float, norm_len: int, seed: int) -> None:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed
@@ -70,7 +71,7 @@ class TrainerWorker:
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=self.backend)
         torch.manual_seed(seed)
-        self.cfg, self.algo, self.temperature = role_cfg, algo_cfg, temperature
+        self.cfg, self.algo, self.temperature, self.norm_len = role_cfg, algo_cfg, temperature, norm_len
         ds_config = deepspeed_config(role_cfg, algo_cfg.train_batch_size, self.world_size, dtype)
         if role_cfg.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
@@ -100,17 +101,36 @@ class TrainerWorker:
         return infer_in_micro_batches(self._forward, self.module, batch, self.cfg.micro_batch_size,
                                       self.device)
 
-    def _loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self._forward(self.module, batch)
-        if self.role == "actor":
-            loss, stats = policy_loss(out, batch["old_logprobs"], batch["advantages"], batch["mask"],
-                                      self.algo.clip_eps)
-            return loss, {"loss/policy": loss.detach(), **{f"policy/{k}": v for k, v in stats.items()}}
-        clip = self.algo.value_clip_eps or None
-        loss, stats = value_loss(out, batch["old_values"], batch["returns"], batch["mask"], clip)
-        return loss, {"loss/value": loss.detach(), "critic/clip_frac": stats["clip_frac"]}
+    def _loss(self, batch: Batch, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.role == "critic":
+            values = token_values(self.module, batch)
+            clip = self.algo.value_clip_eps or None
+            loss, stats = value_loss(values, batch["old_values"], batch["returns"], batch["mask"], clip)
+            return loss, {"loss/value": loss.detach(), "critic/clip_frac": stats["clip_frac"]}
 
-    def train(self, batch: Batch, seed: int) -> dict[str, float]:
+        algo, mask = self.algo, batch["mask"]
+        logprobs, entropy = policy_logprobs_and_entropy(self.module, batch, self.temperature,
+                                                        with_entropy=algo.entropy_coef > 0)
+        is_weights = None
+        if algo.tis_cap is not None:
+            # The samples came from the engine's policy; correct toward the trainer's pi_old.
+            is_weights = torch.exp(batch["old_logprobs"] - batch["engine_logprobs"]).clamp(max=algo.tis_cap)
+        loss, stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                  algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg,
+                                  self.norm_len, is_weights)
+        out = {"loss/policy": loss.detach(), **{f"policy/{k}": v for k, v in stats.items()}}
+        if entropy is not None:
+            entropy_term = aggregate(entropy, mask, algo.loss_agg, self.norm_len)
+            loss = loss - algo.entropy_coef * entropy_term
+            out["policy/entropy"] = entropy_term.detach()
+        if algo.kl_in == "loss" and kl_coef > 0:
+            kl = aggregate(kl_estimate(logprobs, batch["ref_logprobs"], algo.kl_estimator), mask,
+                           algo.loss_agg, self.norm_len)
+            loss = loss + kl_coef * kl
+            out["loss/kl"] = kl.detach()
+        return loss, out
+
+    def train(self, batch: Batch, seed: int, kl_coef: float) -> dict[str, float]:
         """PPO epochs over this rank's share: minibatches of train_batch_size / ranks, each
         accumulated over micro-batches; DeepSpeed all-reduces and steps at each minibatch end."""
         self.module.train()
@@ -122,7 +142,7 @@ class TrainerWorker:
             shuffled = batch.select(torch.randperm(len(batch), generator=generator))
             for minibatch in shuffled.minibatches(per_rank):
                 for micro in minibatch.minibatches(self.cfg.micro_batch_size):
-                    loss, stats = self._loss(to_device(micro, self.device))
+                    loss, stats = self._loss(to_device(micro, self.device), kl_coef)
                     self.engine.backward(loss)
                     self.engine.step()
                     for key, value in stats.items():

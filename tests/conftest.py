@@ -22,6 +22,19 @@ def tiny_reward_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    """A JSONL prompt set with a `target` column: the letter that follows each prompt's last."""
+    import json
+
+    from rayrlhf.rewards import alphabet_prompts
+
+    rows = [{"prompt": p, "target": chr((ord(p[-1]) - 96) % 26 + 97)} for p in alphabet_prompts(64, seed=5)]
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for every integration test; each run removes its own actors."""
     import ray

@@ -31,11 +31,11 @@ def test_response_mask_stops_after_eos():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
 
 
-def test_kl_penalty_and_score_on_last_valid_token():
+def test_k1_kl_penalty_and_score_on_last_valid_token():
     logprobs = torch.tensor([[-1.0, -2.0, 0.0]])
     ref = torch.tensor([[-1.5, -1.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    kl = alg.kl_penalty(logprobs, ref) * mask  # [0.5, -1, 0]
+    kl = alg.kl_estimate(logprobs, ref, "k1") * mask  # [0.5, -1, 0]
     rewards = alg.token_rewards(torch.tensor([2.0]), kl, mask, kl_coef=0.1)
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1 + 2.0, 0.0]]))
 
@@ -71,7 +71,7 @@ def test_policy_loss_clips_the_ratio_pessimistically():
     logprobs = torch.full((1, 2), math.log(1.5))  # ratio 1.5 on both tokens
     old = torch.zeros(1, 2)
     adv = torch.tensor([[1.0, -1.0]])
-    loss, stats = alg.policy_loss(logprobs, old, adv, torch.ones(1, 2), clip_eps=0.2)
+    loss, stats = alg.policy_loss(logprobs, old, adv, torch.ones(1, 2), clip_low=0.2)
     # token 0: min(1.5, 1.2) = 1.2; token 1: min(-1.5, -1.2) = -1.5; loss = -(1.2 - 1.5) / 2
     assert math.isclose(loss.item(), 0.15, rel_tol=1e-6)
     assert math.isclose(stats["clip_frac"].item(), 0.5)
@@ -80,7 +80,7 @@ def test_policy_loss_clips_the_ratio_pessimistically():
 def test_policy_loss_gradient_flows_only_through_unclipped_tokens():
     logprobs = torch.full((1, 2), math.log(1.5), requires_grad=True)
     loss, _ = alg.policy_loss(logprobs, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]),
-                              torch.ones(1, 2), clip_eps=0.2)
+                              torch.ones(1, 2), clip_low=0.2)
     loss.backward()
     # d/dlogp of -(ratio * A)/2 = -ratio * A / 2 for the unclipped token only
     assert torch.allclose(logprobs.grad, torch.tensor([[0.0, 0.75]]))
@@ -108,3 +108,76 @@ def test_adaptive_kl_controller_moves_toward_target():
     fixed = alg.AdaptiveKLController(0.1, target=None, horizon=100)
     fixed.update(5.0, 10)
     assert fixed.coef == 0.1
+
+
+def test_kl_estimators():
+    logprobs, ref = torch.tensor([-1.0]), torch.tensor([-1.5])  # log r = 0.5
+    assert math.isclose(alg.kl_estimate(logprobs, ref, "k1").item(), 0.5)
+    assert math.isclose(alg.kl_estimate(logprobs, ref, "k2").item(), 0.125)
+    assert math.isclose(alg.kl_estimate(logprobs, ref, "k3").item(), math.exp(-0.5) - 0.5, rel_tol=1e-6)
+    # k3 is never negative, also where k1 is
+    assert alg.kl_estimate(ref, logprobs, "k3").item() > 0 > alg.kl_estimate(ref, logprobs, "k1").item()
+
+
+def test_loss_aggregations():
+    values = torch.tensor([[1.0, 2.0, 9.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert math.isclose(alg.aggregate(values, mask, "token_mean").item(), 7 / 3, rel_tol=1e-6)
+    assert math.isclose(alg.aggregate(values, mask, "seq_mean_token_mean").item(), (1.5 + 4) / 2)
+    assert math.isclose(alg.aggregate(values, mask, "seq_mean_token_sum_norm", norm_len=4).item(), 7 / 8)
+
+
+def test_clip_higher_dual_clip_and_importance_weights():
+    ones = torch.ones(1, 1)
+    up = torch.full((1, 1), math.log(1.5))
+    loss, _ = alg.policy_loss(up, torch.zeros(1, 1), ones, ones, clip_low=0.2, clip_high=0.28)
+    assert math.isclose(loss.item(), -1.28, rel_tol=1e-6)  # ratio capped at 1 + 0.28
+    big = torch.full((1, 1), math.log(5.0))
+    loss, _ = alg.policy_loss(big, torch.zeros(1, 1), -ones, ones, clip_low=0.2)
+    assert math.isclose(loss.item(), 5.0, rel_tol=1e-6)  # max(5, 1.2) for a negative advantage
+    loss, _ = alg.policy_loss(big, torch.zeros(1, 1), -ones, ones, clip_low=0.2, dual_clip=3.0)
+    assert math.isclose(loss.item(), 3.0, rel_tol=1e-6)  # capped at c * |A|
+    loss, _ = alg.policy_loss(up, torch.zeros(1, 1), ones, ones, clip_low=0.2,
+                              is_weights=torch.full((1, 1), 0.5))
+    assert math.isclose(loss.item(), -0.6, rel_tol=1e-6)
+
+
+def test_entropy_from_logits():
+    assert math.isclose(alg.entropy_from_logits(torch.zeros(2)).item(), math.log(2), rel_tol=1e-6)
+    assert alg.entropy_from_logits(torch.tensor([100.0, 0.0])).item() < 1e-6
+
+
+def test_group_baselines_on_one_group_of_three():
+    scores, valid = torch.tensor([1.0, 2.0, 3.0]), torch.ones(3)
+
+    def out(estimator, **kw):
+        return alg.outcome_scores(scores, estimator, 3, valid, **kw).tolist()
+
+    assert out("gae") == out("reinforce_pp") == [1.0, 2.0, 3.0]
+    assert out("dr_grpo") == out("reinforce_pp_baseline") == [-1.0, 0.0, 1.0]
+    assert torch.allclose(torch.tensor(out("grpo")), torch.tensor([-1.0, 0.0, 1.0]), atol=1e-5)  # std 1
+    assert out("rloo") == [1 - 2.5, 2 - 2.0, 3 - 1.5]
+    assert out("remax", greedy_scores=torch.tensor([2.5])) == [-1.5, -0.5, 0.5]
+
+
+def test_group_baselines_leave_invalid_samples_out():
+    got = alg.outcome_scores(torch.tensor([1.0, 100.0, 3.0]), "grpo", 3, torch.tensor([1.0, 0.0, 1.0]))
+    s = 1 / math.sqrt(2)  # mean 2, sample std sqrt(2)
+    assert torch.allclose(got, torch.tensor([-s, 0.0, s]), atol=1e-5)
+
+
+def test_discounted_returns():
+    ret = alg.discounted_returns(torch.tensor([[1.0, 2.0, 7.0]]), torch.tensor([[1.0, 1.0, 0.0]]), 0.5)
+    assert ret.tolist() == [[2.0, 2.0, 0.0]]
+
+
+def test_shape_scores_penalty_then_normalise_then_clip():
+    scores, truncated, valid = torch.tensor([1.0, 3.0, 50.0]), torch.tensor([0.0, 1.0, 0.0]), \
+        torch.tensor([1.0, 1.0, 0.0])
+    penalised = alg.shape_scores(scores, truncated, valid, -1.0, normalize=False, clip=None)
+    assert penalised.tolist() == [1.0, 2.0, 0.0]
+    normalised = alg.shape_scores(scores, truncated, valid, -1.0, normalize=True, clip=None)
+    s = 1 / math.sqrt(2)  # [1, 2]: mean 1.5, sample std 1/sqrt(2)
+    assert torch.allclose(normalised, torch.tensor([-s, s, 0.0]), atol=1e-4)
+    clipped = alg.shape_scores(scores, truncated, valid, -1.0, normalize=True, clip=0.5)
+    assert torch.allclose(clipped, torch.tensor([-0.5, 0.5, 0.0]))

@@ -54,6 +54,34 @@ def test_every_preset_loads(preset):
     assert load_config(preset, []).trainer.total_steps >= 1
 
 
-def test_unknown_reward_rule():
-    with pytest.raises(ConfigError, match="'reward.rule' must be one of"):
-        load_config(PRESET, ["reward.rule=nope"])
+def test_reward_sources():
+    with pytest.raises(ConfigError, match="'reward.function' must be a built-in"):
+        load_config(PRESET, ["reward.function=nope"])
+    with pytest.raises(ConfigError, match="'reward' needs at least one source"):
+        load_config(PRESET, ["reward.function="])
+    cfg = load_config(PRESET, ["reward.models=[{path: /rm1, weight: 0.5}, {path: /rm2}]"])
+    assert [(m.path, m.weight) for m in cfg.reward.models] == [("/rm1", 0.5), ("/rm2", 1.0)]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.estimator=ppo", "'algorithm.estimator' must be one of gae, grpo"),
+    ("algorithm.kl_estimator=k4", "'algorithm.kl_estimator' must be one of k1, k2, k3"),
+    ("algorithm.loss_agg=sum", "'algorithm.loss_agg' must be one of"),
+    ("algorithm.kl_in=both", "'algorithm.kl_in' must be one of reward, loss"),
+    ("algorithm.dual_clip=0.5", "'algorithm.dual_clip' must be > 1"),
+    ("algorithm.estimator=grpo", "'rollout.n' must be >= 2 for algorithm.estimator=grpo"),
+])
+def test_algorithm_options_are_checked(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(PRESET, [override])
+    assert message in str(err.value)
+
+
+def test_roles_follow_the_algorithm():
+    from rayrlhf.system import roles_needed
+
+    assert roles_needed(load_config(PRESET, [])) == {"rollout", "reward", "actor", "reference", "critic"}
+    grpo = load_config(PRESET, ["algorithm.estimator=grpo", "rollout.n=4"])
+    assert roles_needed(grpo) == {"rollout", "reward", "actor", "reference"}
+    no_kl = load_config(PRESET, ["algorithm.estimator=rloo", "rollout.n=2", "algorithm.kl_coef=0"])
+    assert roles_needed(no_kl) == {"rollout", "reward", "actor"}

@@ -59,8 +59,10 @@ def check_run(cfg, history, initial_policy):
     return lines
 
 
-def test_zero2_two_ranks_two_engines_reward_model(tmp_path, ray_cluster, tiny_policy, tiny_reward_model):
-    cfg = small_config(tmp_path, tiny_policy, f"reward.model_path={tiny_reward_model}",
+def test_zero2_two_ranks_two_engines_reward_model(tmp_path, ray_cluster, tiny_policy, tiny_reward_model,
+                                                  prompt_file):
+    cfg = small_config(tmp_path, tiny_policy, "reward.function=", f"data.path={prompt_file}",
+                       f"reward.models=[{{path: {tiny_reward_model}}}]",
                        "actor.num_ranks=2", "critic.num_ranks=2", "actor.zero_stage=2",
                        "critic.zero_stage=2", "rollout.num_engines=2", "reward.num_workers=2")
     history = train(cfg)
@@ -107,8 +109,9 @@ def test_nan_reward_stops_the_run_and_frees_the_actors(tmp_path, ray_cluster, ti
     model.save_pretrained(broken)
     build_tokenizer().save_pretrained(broken)
 
-    cfg = small_config(tmp_path, tiny_policy, f"reward.model_path={broken}")
-    with pytest.raises(RewardError, match=r"reward for sample 0 is nan .*prompt '"):
+    cfg = small_config(tmp_path, tiny_policy, f"reward.models=[{{path: {broken}}}]")
+    with pytest.raises(RewardError,
+                       match=r"reward for sample 0 is unusable: reward model .* gave nan .*prompt '"):
         train(cfg)
     assert not (Path(cfg.output_dir) / "policy").exists()
     assert wait_for_resources_released(ray_cluster)

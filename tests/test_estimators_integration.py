@@ -1,0 +1,124 @@
+"""Critic-free estimators, KL options, reward sources and decoding, on the real actors."""
+
+import math
+import threading
+
+import pytest
+import torch
+
+from rayrlhf.config import load_config
+from rayrlhf.driver import train
+from rayrlhf.errors import RewardError
+
+pytestmark = pytest.mark.integration
+
+REWARD_FILE = '''
+import math
+
+def first_letter(prompts, responses, target):
+    hits = [float(r[:1] == t) for r, t in zip(responses, target)]
+    return {"reward": hits, "first_ok": hits}
+
+def nan_on_vowels(prompts, responses, **fields):
+    return [math.nan if set(r) & set("aeiou") else 1.0 for r in responses]
+'''
+
+
+@pytest.fixture
+def task(tmp_path, prompt_file):
+    """The prompt file (with its `target` column) and a file of user reward functions."""
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(REWARD_FILE)
+    return prompt_file, str(rewards)
+
+
+def run(tmp_path, policy, *overrides):
+    cfg = load_config("conf/tiny_ppo.yaml", [
+        f"model.path={policy}", "model.build_tiny=false", f"output_dir={tmp_path / 'run'}",
+        "trainer.total_steps=2", "trainer.prompts_per_step=8", "algorithm.train_batch_size=16",
+        "actor.micro_batch_size=8", "critic.micro_batch_size=8", *overrides])
+    return train(cfg)
+
+
+def finite(history, *keys):
+    return all(math.isfinite(m[k]) for m in history for k in keys)
+
+
+def test_grpo_with_a_user_reward_file_dataset_fields_and_eval(tmp_path, ray_cluster, tiny_policy, task):
+    data, rewards = task
+    history = run(tmp_path, tiny_policy, "algorithm.estimator=grpo", "rollout.n=4",
+                  f"data.path={data}", f"reward.function={rewards}:first_letter",
+                  "eval.every=2", f"eval.path={data}", "eval.size=16")
+    assert "loss/value" not in history[-1]  # no critic was started
+    assert finite(history, "loss/policy", "kl/mean", "reward/first_ok")
+    assert "eval/reward_mean" in history[1] and "eval/first_ok" in history[1]
+    assert "eval/reward_mean" not in history[0]
+    assert history[-1]["sync/logprob_gap_mean"] < 1e-3
+
+
+def test_rloo_without_kl_starts_no_reference(tmp_path, ray_cluster, tiny_policy):
+    history = run(tmp_path, tiny_policy, "algorithm.estimator=rloo", "rollout.n=2", "algorithm.kl_coef=0")
+    assert "kl/mean" not in history[-1] and "loss/value" not in history[-1]
+    assert finite(history, "loss/policy", "reward/mean")
+
+
+def test_reinforce_pp_with_kl_loss_and_every_loss_option(tmp_path, ray_cluster, tiny_policy):
+    history = run(tmp_path, tiny_policy, "algorithm.estimator=reinforce_pp_baseline", "rollout.n=2",
+                  "algorithm.kl_in=loss", "algorithm.kl_estimator=k3", "algorithm.kl_coef=0.1",
+                  "algorithm.dual_clip=3", "algorithm.clip_eps_high=0.28", "algorithm.entropy_coef=0.01",
+                  "algorithm.loss_agg=seq_mean_token_sum_norm", "algorithm.tis_cap=2.0",
+                  "reward.truncated_penalty=-0.5", "reward.normalize=true", "reward.clip=3")
+    assert finite(history, "loss/policy", "loss/kl", "policy/entropy")
+    assert history[-1]["loss/kl"] >= 0  # k3 never goes negative
+
+
+def test_bad_rewards_stop_the_run_or_are_skipped(tmp_path, ray_cluster, tiny_policy, task):
+    data, rewards = task
+    args = (f"data.path={data}", f"reward.function={rewards}:nan_on_vowels", "rollout.n=2")
+    with pytest.raises(RewardError, match=rf"reward function '{rewards}:nan_on_vowels' gave nan"):
+        run(tmp_path, tiny_policy, *args)
+    history = run(tmp_path, tiny_policy, *args, "reward.skip_invalid=true")
+    assert all(m["reward/invalid"] > 0 for m in history)
+    assert finite(history, "loss/policy", "loss/value")
+
+
+def test_remote_reward_model_over_loopback(tmp_path, ray_cluster, tiny_policy, tiny_reward_model, task):
+    from rayrlhf.reward_server import make_server
+
+    server = make_server(tiny_reward_model, token="s3cret")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        history = run(tmp_path, tiny_policy, "reward.function=", "rollout.n=2", f"data.path={task[0]}",
+                      f'reward.remote=[{{url: "{url}", token: s3cret}}]', "reward.remote_timeout_s=10")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert history[0]["reward/std"] > 0  # a model's continuous scores, not a rule's
+    assert finite(history, "loss/policy", "loss/value")
+
+
+def test_decoding_options_in_the_engine(tiny_policy):
+    from rayrlhf.rollout import RolloutWorker
+
+    cfg = load_config("conf/tiny_ppo.yaml", ["rollout.stop=[e]", "rollout.n=3", "rollout.top_k=20",
+                                             "rollout.top_p=0.9", "rollout.repetition_penalty=1.2",
+                                             "rollout.max_new_tokens=12"])
+    engine = RolloutWorker(tiny_policy, "", cfg.rollout, "float32", seed=0, max_model_len=64)
+    prompts = [[10, 11, 12], [20, 21]] * 8
+    sampled = engine.generate(prompts)
+    assert all(len(group) == 3 for group in sampled)
+    samples = [s for group in sampled for s in group]
+    eos = engine.llm.get_tokenizer().eos_token_id
+    for s in samples:
+        assert len(s.response_ids) <= 12
+        if s.finished:  # at the stop string (kept in the text) or at EOS
+            assert s.text.endswith("e") or s.response_ids[-1] == eos
+        else:
+            assert "e" not in s.text and len(s.response_ids) == 12
+    assert any(s.text.endswith("e") for s in samples)  # some responses did stop at "e"
+    greedy = [g[0].response_ids for g in engine.generate(prompts, greedy=True)]
+    assert greedy == [g[0].response_ids for g in engine.generate(prompts, greedy=True)]
+    assert all(len(g) == 1 for g in engine.generate(prompts, greedy=True))
+    assert torch.tensor([lp for s in samples for lp in s.logprobs]).isfinite().all()

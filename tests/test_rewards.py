@@ -1,0 +1,116 @@
+"""Reward sources and bad rewards: the reward worker (used here as a plain object) and the driver's
+check of its output."""
+
+import math
+
+import pytest
+import torch
+
+from rayrlhf.batch import build_batch
+from rayrlhf.config import load_config
+from rayrlhf.driver import apply_rewards
+from rayrlhf.errors import RewardError
+from rayrlhf.modeling import load_scalar_model, sequence_scores
+from rayrlhf.scorers import RewardWorker
+from rayrlhf.system import Rollout
+from rayrlhf.tiny import build_tokenizer
+
+USER_REWARDS = '''
+import math
+
+def reward(prompts, responses, target):
+    return {"reward": [float(r.startswith(t)) for r, t in zip(responses, target)],
+            "length": [float(len(r)) for r in responses]}
+
+def picky(prompts, responses, **fields):
+    if any("x" in r for r in responses):
+        raise ValueError("cannot score an x")
+    return [1.0] * len(responses)
+
+def miscount(prompts, responses, **fields):
+    return [0.0, 0.0]
+
+def nan_on_b(prompts, responses, **fields):
+    return [math.nan if "b" in r else 0.5 for r in responses]
+'''
+
+PROMPTS = ["abc", "klm", "uvw"]
+RESPONSES = ["defg", "nxyz", "bbbb"]
+FIELDS = {"target": ["d", "n", "x"]}
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "my_rewards.py"
+    path.write_text(USER_REWARDS)
+    return str(path)
+
+
+def worker(*overrides):
+    return RewardWorker(load_config("conf/tiny_ppo.yaml", list(overrides)).reward, "float32")
+
+
+def batch_of(tokenizer):
+    return build_batch([tokenizer(p).input_ids for p in PROMPTS],
+                       [tokenizer(r).input_ids for r in RESPONSES], tokenizer.pad_token_id)
+
+
+def test_user_function_gets_dataset_fields_and_may_return_metrics(reward_file):
+    out = worker(f"reward.function={reward_file}").scores(None, PROMPTS, RESPONSES, FIELDS)
+    assert out["scores"].tolist() == [1.0, 1.0, 0.0]
+    assert out["metrics"]["length"].tolist() == [4.0, 4.0, 4.0]
+    assert out["reasons"] == {}
+
+
+@pytest.mark.parametrize("name, rows, reason", [
+    ("picky", {1}, "reward function '{path}:picky' failed: ValueError: cannot score an x"),
+    ("miscount", {0, 1, 2}, "reward function '{path}:miscount' failed: ValueError: returned 2 values for 1"),
+    ("nan_on_b", {2}, "reward function '{path}:nan_on_b' gave nan"),
+])
+def test_a_failing_function_is_pinned_on_its_samples(reward_file, name, rows, reason):
+    out = worker(f"reward.function={reward_file}:{name}").scores(None, PROMPTS, RESPONSES, {})
+    assert set(out["reasons"]) == rows
+    assert all(reason.format(path=reward_file) in why for why in out["reasons"].values())
+    assert [math.isnan(v) for v in out["scores"].tolist()] == [i in rows for i in range(3)]
+
+
+def test_sources_combine_with_weights(tmp_path):
+    from rayrlhf.tiny import build_tiny_model
+
+    rm = str(build_tiny_model(tmp_path / "rm", kind="reward", seed=3))
+    tokenizer = build_tokenizer()
+    batch = batch_of(tokenizer)
+    out = worker("reward.function=alphabet", "reward.function_weight=0.5",
+                 f"reward.models=[{{path: {rm}, weight: 2.0}}]").scores(batch, PROMPTS, RESPONSES, {})
+    with torch.no_grad():
+        model_scores = sequence_scores(load_scalar_model(rm, "float32").eval(), batch)
+    rule = torch.tensor([4 / 8, 3 / 8, 0.0])  # d e f g follow c; n (after m), y, z; nothing in bbbb
+    assert torch.allclose(out["scores"], 0.5 * rule + 2.0 * model_scores, atol=1e-5)
+
+
+def rollout_with(scores):
+    tokenizer = build_tokenizer()
+    batch = batch_of(tokenizer)
+    batch["mask"] = torch.ones(3, 4)
+    batch["truncated"] = torch.zeros(3)
+    return Rollout(batch, PROMPTS, RESPONSES, {}), {"scores": torch.tensor(scores),
+                                                     "reasons": {1: "reward function 'f' gave nan"},
+                                                     "metrics": {}}
+
+
+def test_unusable_reward_stops_the_run_naming_the_sample():
+    rollout, rewards = rollout_with([1.0, math.nan, 0.0])
+    cfg = load_config("conf/tiny_ppo.yaml", []).reward
+    with pytest.raises(RewardError, match=r"reward for sample 1 is unusable: reward function 'f' gave nan"
+                                          r".*prompt 'klm', response 'nxyz'"):
+        apply_rewards(rollout, rewards, cfg)
+
+
+def test_skip_invalid_drops_the_sample_and_counts_it():
+    rollout, rewards = rollout_with([1.0, math.nan, 0.0])
+    cfg = load_config("conf/tiny_ppo.yaml", ["reward.skip_invalid=true"]).reward
+    metrics = apply_rewards(rollout, rewards, cfg)
+    assert metrics["reward/invalid"] == 1.0
+    assert metrics["reward/mean"] == 0.5
+    assert rollout.batch["mask"][1].sum() == 0 and rollout.batch["mask"][0].sum() == 4
+    assert rollout.batch["scores"].tolist() == [1.0, 0.0, 0.0]
