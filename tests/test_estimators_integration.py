@@ -48,22 +48,29 @@ def test_grpo_with_a_user_reward_file_dataset_fields_and_eval(tmp_path, ray_clus
     data, rewards = task
     history = run(tmp_path, tiny_policy, "algorithm.estimator=grpo", "rollout.n=4",
                   f"data.path={data}", f"reward.function={rewards}:first_letter",
-                  "eval.every=2", f"eval.path={data}", "eval.size=16")
+                  "eval.every=2", f"eval.path={data}", "eval.size=16",
+                  "algorithm.kl_target=0.001", "algorithm.kl_horizon=100")
     assert "loss/value" not in history[-1]  # no critic was started
+    # Adaptive KL: at step 1 the policy is the reference (KL 0, below target), so beta shrinks.
+    assert history[0]["kl/mean"] == 0.0 and history[1]["kl/coef"] < history[0]["kl/coef"]
     assert finite(history, "loss/policy", "kl/mean", "reward/first_ok")
     assert "eval/reward_mean" in history[1] and "eval/first_ok" in history[1]
     assert "eval/reward_mean" not in history[0]
     assert history[-1]["sync/logprob_gap_mean"] < 1e-3
 
 
-def test_rloo_without_kl_starts_no_reference(tmp_path, ray_cluster, tiny_policy):
-    history = run(tmp_path, tiny_policy, "algorithm.estimator=rloo", "rollout.n=2", "algorithm.kl_coef=0")
+def test_rloo_without_kl_starts_no_reference(tmp_path, ray_cluster, tiny_policy, task):
+    data, rewards = task
+    history = run(tmp_path, tiny_policy, "algorithm.estimator=rloo", "rollout.n=2", "algorithm.kl_coef=0",
+                  f"data.path={data}", f"reward.function={rewards}:first_letter")
     assert "kl/mean" not in history[-1] and "loss/value" not in history[-1]
     assert finite(history, "loss/policy", "reward/mean")
 
 
-def test_reinforce_pp_with_kl_loss_and_every_loss_option(tmp_path, ray_cluster, tiny_policy):
+def test_reinforce_pp_with_kl_loss_and_every_loss_option(tmp_path, ray_cluster, tiny_policy, task):
+    data, rewards = task
     history = run(tmp_path, tiny_policy, "algorithm.estimator=reinforce_pp_baseline", "rollout.n=2",
+                  f"data.path={data}", f"reward.function={rewards}:first_letter",
                   "algorithm.kl_in=loss", "algorithm.kl_estimator=k3", "algorithm.kl_coef=0.1",
                   "algorithm.dual_clip=3", "algorithm.clip_eps_high=0.28", "algorithm.entropy_coef=0.01",
                   "algorithm.loss_agg=seq_mean_token_sum_norm", "algorithm.tis_cap=2.0",
