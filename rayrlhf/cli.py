@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from rayrlhf.errors import RayRLHFError
+from rayrlhf.errors import Interrupted, RayRLHFError
 
 DEFAULT_CONFIG = "conf/tiny_ppo.yaml"
 
@@ -44,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         from rayrlhf.driver import train
 
         history = train(cfg)
+    except Interrupted as err:
+        print(f"rayrlhf: {err}", file=sys.stderr)
+        return 128 + err.signum
     except RayRLHFError as err:
-        print(f"rayrlhf: error: {err}", file=sys.stderr)
+        # Raised inside an actor, it arrives wrapped in Ray's task error; print only the cause.
+        cause = getattr(err, "cause", None)
+        print(f"rayrlhf: error: {cause if isinstance(cause, RayRLHFError) else err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("rayrlhf: interrupted; actors stopped", file=sys.stderr)
+        print("rayrlhf: interrupted again before the step ended; actors stopped, no checkpoint saved",
+              file=sys.stderr)
         return 130
     last = history[-1]
     print(f"done: {len(history)} steps, reward/mean {last['reward/mean']:.3f}, "

@@ -167,6 +167,10 @@ class TrainerConfig:
     prompts_per_step: int = 64
     # Save the policy (HF format) every N steps; 0 saves only at the end.
     save_every: int = 0
+    # Full checkpoints (trainer and optimizer states, KL controller, data position) every N
+    # steps under output_dir/checkpoints, keeping the last `keep_checkpoints`; 0 is off.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -205,6 +209,8 @@ class RayConfig:
 class RunConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
+    # "true" (or "latest") resumes from the newest checkpoint in output_dir; a path resumes from it.
+    resume: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -276,6 +282,7 @@ def validate(cfg: DictConfig) -> None:
         "algorithm.kl_horizon": cfg.algorithm.kl_horizon,
         "trainer.total_steps": cfg.trainer.total_steps,
         "trainer.prompts_per_step": cfg.trainer.prompts_per_step,
+        "trainer.keep_checkpoints": cfg.trainer.keep_checkpoints,
         "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
         "data.synthetic_size": cfg.data.synthetic_size,
         "ray.num_cpus": cfg.ray.num_cpus,
@@ -285,6 +292,7 @@ def validate(cfg: DictConfig) -> None:
         _check(value >= 1, key, f"must be >= 1, got {value}")
     non_negative = {
         "trainer.save_every": cfg.trainer.save_every,
+        "trainer.checkpoint_every": cfg.trainer.checkpoint_every,
         "weight_sync.check_every": cfg.weight_sync.check_every,
         "algorithm.kl_coef": cfg.algorithm.kl_coef,
         "algorithm.kl_target": cfg.algorithm.kl_target,

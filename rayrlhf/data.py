@@ -110,6 +110,15 @@ class PromptSampler:
         self.rng = random.Random(seed)
         self.order: list[int] = []
 
+    def state(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order)}
+
+    def restore(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
+
     def next_batch(self) -> list[Prompt]:
         batch = []
         while len(batch) < self.batch_size:

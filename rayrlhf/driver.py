@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import ray
@@ -11,9 +13,10 @@ from tqdm import tqdm
 
 from rayrlhf import algorithms as alg
 from rayrlhf.batch import Batch
+from rayrlhf.checkpoint import checkpoint_dir, prune, read_state, resolve_resume, write_state
 from rayrlhf.cluster import start_ray
 from rayrlhf.data import Prompt, PromptSampler, load_prompts
-from rayrlhf.errors import ModelError, RewardError
+from rayrlhf.errors import Interrupted, ModelError, RewardError
 from rayrlhf.metrics import MetricsLog, StageTimer
 from rayrlhf.rewards import load_reward_function
 from rayrlhf.system import RLHFSystem, Rollout
@@ -29,22 +32,26 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
     eval_prompts = load_prompts(cfg.data, tokenizer, cfg.reward.function, cfg.seed + 1,
                                 path=cfg.eval.path, size=cfg.eval.size)[:cfg.eval.size] \
         if cfg.eval.every else []
+    resume_from = resolve_resume(cfg.resume, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
     algo = cfg.algorithm
     started_ray = start_ray(cfg.ray)
     system, log, history = None, None, []
+    stop = GracefulStop()
     try:
         system = RLHFSystem(cfg, tokenizer.pad_token_id)
         kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
-        log = MetricsLog(output_dir, cfg.trainer.total_steps)
-        for step in range(1, cfg.trainer.total_steps + 1):
+        first_step = 1 if resume_from is None else resume(system, resume_from, kl_ctl, sampler)
+        log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step)
+        for step in range(first_step, cfg.trainer.total_steps + 1):
             timer = StageTimer()
             batch_prompts = sampler.next_batch()
             with timer("generate"):
-                rollout = system.generate(batch_prompts)
-                greedy = system.generate(batch_prompts, greedy=True) if algo.estimator == "remax" else None
+                rollout = system.generate(batch_prompts, step)
+                greedy = system.generate(batch_prompts, step, greedy=True) if algo.estimator == "remax" \
+                    else None
             with timer("experience"):
                 feedback = apply_rewards(rollout, system.rewards(rollout), cfg.reward)
                 baseline = None
@@ -63,13 +70,22 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
                 save_policy(system, tokenizer, output_dir / f"policy_step{step}")
             if cfg.eval.every and step % cfg.eval.every == 0:
                 with timer("eval"):
-                    feedback |= evaluate(system, eval_prompts, cfg.eval.greedy)
+                    feedback |= evaluate(system, eval_prompts, step, cfg.eval.greedy)
 
             metrics = step_metrics(step, rollout.batch, feedback, learn, sync_bytes, timer, cfg.weight_sync)
             log.log(metrics)
             history.append(metrics)
+            every = cfg.trainer.checkpoint_every
+            if (every and step % every == 0) or stop.signum:
+                saved = save_checkpoint(system, output_dir, step, kl_ctl, sampler,
+                                        cfg.trainer.keep_checkpoints)
+                if stop.signum:
+                    raise Interrupted(f"stopped by signal {stop.signum} after step {step}; checkpoint in "
+                                      f"{saved}; to continue, run the same command with resume=true",
+                                      stop.signum)
         save_policy(system, tokenizer, output_dir / "policy")
     finally:
+        stop.restore()
         if log is not None:
             log.close()
         if system is not None:
@@ -77,6 +93,48 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
         if started_ray:
             ray.shutdown()
     return history
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second
+    signal interrupts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # only there can Python catch them
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"signal {signum}: saving a checkpoint and stopping after this step "
+                   "(signal again to stop at once)")
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def save_checkpoint(system: RLHFSystem, output_dir: Path, step: int, kl_ctl, sampler: PromptSampler,
+                    keep: int) -> Path:
+    path = checkpoint_dir(output_dir, step)
+    system.save_checkpoint(str(path))
+    write_state(path, {"step": step, "kl_coef": kl_ctl.coef, "sampler": sampler.state()})
+    prune(output_dir, keep)
+    return path
+
+
+def resume(system: RLHFSystem, path: Path, kl_ctl, sampler: PromptSampler) -> int:
+    """Restores trainers (and the engines' weights), KL controller and data position; returns
+    the first step to run."""
+    system.load_checkpoint(str(path))
+    state = read_state(path)
+    kl_ctl.coef = state["kl_coef"]
+    sampler.restore(state["sampler"])
+    tqdm.write(f"resumed from {path} after step {state['step']}")
+    return state["step"] + 1
 
 
 def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg) -> dict[str, float]:
@@ -134,9 +192,9 @@ def add_advantages(batch: Batch, algo, kl_coef: float, group_size: int,
     return stats
 
 
-def evaluate(system: RLHFSystem, prompts: list[Prompt], greedy: bool) -> dict[str, float]:
+def evaluate(system: RLHFSystem, prompts: list[Prompt], step: int, greedy: bool) -> dict[str, float]:
     """Held-out prompts through the current policy and the reward sources (nothing trains on them)."""
-    rollout = system.generate(prompts, greedy=greedy)
+    rollout = system.generate(prompts, step, greedy=greedy)
     rewards = system.rewards(rollout)
     valid = torch.isfinite(rewards["scores"])
     metrics = {"eval/reward_mean": rewards["scores"][valid].mean().item() if valid.any() else float("nan"),

@@ -15,3 +15,11 @@ class ModelError(RayRLHFError):
 
 class RewardError(RayRLHFError):
     pass
+
+
+class Interrupted(RayRLHFError):
+    """SIGINT/SIGTERM: the run saved a checkpoint and stopped; exit code 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

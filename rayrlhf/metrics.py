@@ -34,10 +34,16 @@ class StageTimer:
 class MetricsLog:
     """One JSON object per iteration in metrics.jsonl, and a progress bar with the key numbers."""
 
-    def __init__(self, output_dir: Path, total_steps: int):
-        # Rewritten by each run (resuming is not supported yet).
-        self.file = (output_dir / "metrics.jsonl").open("w", encoding="utf-8")
-        self.bar = tqdm(total=total_steps, desc="ppo", unit="step",
+    def __init__(self, output_dir: Path, total_steps: int, first_step: int = 1):
+        # A fresh run starts the file anew; a resumed one keeps the steps before it.
+        path = output_dir / "metrics.jsonl"
+        kept = []
+        if first_step > 1 and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] < first_step]
+        self.file = path.open("w", encoding="utf-8")
+        self.file.writelines(line + "\n" for line in kept)
+        self.bar = tqdm(total=total_steps, initial=first_step - 1, desc="ppo", unit="step",
                         dynamic_ncols=True)
 
     def log(self, metrics: dict[str, float]) -> None:

@@ -33,19 +33,22 @@ class RolloutWorker:
                        # Log-probs after temperature, as the trainer computes them.
                        logprobs_mode="processed_logprobs")
 
-    def generate(self, prompt_ids: list[list[int]], greedy: bool = False) -> list[list[Sample]]:
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None,
+                 greedy: bool = False) -> list[list[Sample]]:
         """`rollout.n` samples per prompt (one greedy response when `greedy`), with the sampled
         tokens' log-probs after temperature and the other sampling transforms."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         cfg = self.cfg
-        params = SamplingParams(
+        # A seed per prompt makes a rollout a function of (weights, prompt, seed) alone, not of
+        # the engine's history, so a resumed run samples what the uninterrupted one did.
+        params = [SamplingParams(
             n=1 if greedy else cfg.n, max_tokens=cfg.max_new_tokens,
             temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             repetition_penalty=cfg.repetition_penalty, stop=list(cfg.stop) or None,
-            include_stop_str_in_output=True, logprobs=0,
-        )
+            include_stop_str_in_output=True, logprobs=0, seed=None if seeds is None else seeds[i],
+        ) for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
                                     params, use_tqdm=False)
         return [[Sample(list(c.token_ids), [next(iter(lp.values())).logprob for lp in c.logprobs],

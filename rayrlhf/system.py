@@ -113,11 +113,15 @@ class RLHFSystem:
 
     # Sample
 
-    def generate(self, prompts: list[Prompt], greedy: bool = False) -> Rollout:
-        """Every prompt's `rollout.n` samples (one if greedy), as one batch in the shared layout."""
-        shards = split_evenly([p.token_ids for p in prompts], len(self.rollout.actors))
+    def generate(self, prompts: list[Prompt], step: int, greedy: bool = False) -> Rollout:
+        """Every prompt's `rollout.n` samples (one if greedy), as one batch in the shared layout.
+
+        Sampling is seeded per prompt from (run seed, step, position), so it is reproducible."""
+        seeds = [(self.cfg.seed * 1_000_003 + step * 10_007 + i) % 2**31 for i in range(len(prompts))]
+        n = len(self.rollout.actors)
+        shards = zip(split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n), strict=True)
         per_prompt = [s for part in ray.get(self.rollout.scatter(
-            "generate", [(shard,) for shard in shards], greedy=greedy)) for s in part]
+            "generate", list(shards), greedy=greedy)) for s in part]
         flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True)
                 for sample in samples]
         batch = build_batch([p.token_ids for p, _ in flat], [s.response_ids for _, s in flat],
@@ -177,6 +181,17 @@ class RLHFSystem:
         """Actor weights -> every engine; returns the bytes broadcast."""
         refs = self.actor.call("send_weights", self.plan) + self.rollout.call("receive_weights", self.plan)
         return ray.get(refs, timeout=self.cfg.weight_sync.timeout_s)[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        ray.get([ref for role, g in self._trainers() for ref in g.call("save_checkpoint", f"{path}/{role}")])
+
+    def load_checkpoint(self, path: str) -> None:
+        """Trainer states from `path`, then the engines get the resumed actor weights."""
+        ray.get([ref for role, g in self._trainers() for ref in g.call("load_checkpoint", f"{path}/{role}")])
+        self.sync_weights()
+
+    def _trainers(self) -> list[tuple[str, RoleGroup]]:
+        return [(role, g) for role, g in (("actor", self.actor), ("critic", self.critic)) if g is not None]
 
     def save_policy(self, path: str) -> None:
         ray.get(self.actor.call("save", path))

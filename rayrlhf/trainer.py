@@ -164,6 +164,15 @@ class TrainerWorker:
         return weight_sync.send_buckets(self.module, plan, self.sync_group, self.rank == 0,
                                         self.device)
 
+    def save_checkpoint(self, path: str) -> None:
+        """Weights and optimizer state (DeepSpeed's format; every rank writes its shards)."""
+        self.engine.save_checkpoint(path, tag="deepspeed")
+
+    def load_checkpoint(self, path: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(path, tag="deepspeed")
+        if loaded is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint under {path}")
+
     def save(self, path: str) -> None:
         """HF-format checkpoint (full weights, gathered from ZeRO-3 shards) written by rank 0."""
         state = {}

@@ -54,3 +54,23 @@ def test_serve_rm_command_serves_a_reward_model(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert main(["serve-rm", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_remote_reward_failure_inside_an_actor_gives_one_line(tmp_path, prompt_file, tiny_policy, capsys):
+    """The reward actor's client gives up on a dead server: the run stops with the client's message."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens here once the socket is closed
+    code = main(["train", "--config", "conf/tiny_ppo.yaml", f"output_dir={tmp_path}",
+                 f"model.path={tiny_policy}", "model.build_tiny=false", "reward.function=",
+                 f"data.path={prompt_file}",
+                 f'reward.remote=[{{url: "http://127.0.0.1:{dead}"}}]', "reward.remote_retries=1",
+                 "trainer.total_steps=1", "trainer.prompts_per_step=16", "algorithm.train_batch_size=16",
+                 "actor.micro_batch_size=16", "critic.micro_batch_size=16"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"rayrlhf: error: reward server http://127.0.0.1:{dead}/score failed after 2 attempts")
+    assert not any("Traceback" in line for line in err)
