@@ -94,6 +94,7 @@ def wait_for_job_api(address, env, head, log, timeout_s=300):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         assert head.poll() is None, f"ray start exited:\n{log.read_text()[-3000:]}"
+        # The job CLI sends the token only in token mode (submit.sh turns it on by itself).
         probe = subprocess.run([str(RAY), "job", "list", "--address", address],
                                env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, timeout=120)
         if probe.returncode == 0:
