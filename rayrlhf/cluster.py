@@ -39,10 +39,10 @@ class RoleGroup:
     """`count` actors of `cls`, one per bundle of {cpus, gpus}, packed on one placement group."""
 
     def __init__(self, name: str, cls: type, count: int, cpus: float, gpus: float, threads: int,
-                 args: Callable[[int], tuple] = lambda rank: ()):
+                 args: Callable[[int], tuple] = lambda rank: (), strategy: str = "PACK"):
         self.name = name
         bundle = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
-        self.placement = placement_group([dict(bundle) for _ in range(count)], strategy="PACK",
+        self.placement = placement_group([dict(bundle) for _ in range(count)], strategy=strategy,
                                          name=f"rayrlhf-{name}")
         self.actors: list[Any] = []
         try:
@@ -59,6 +59,12 @@ class RoleGroup:
                 num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy,
                 runtime_env={"env_vars": actor_env(threads, gpus)},
             ).remote(*args(rank)))
+
+    def nodes(self) -> list[str]:
+        """The IP of the node holding each actor's bundle."""
+        ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        bundles = ray.util.placement_group_table(self.placement)["bundles_to_node_id"]
+        return [ips.get(bundles[i], "?") for i in range(len(self.actors))]
 
     def call(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         """The same call on every actor."""

@@ -203,6 +203,10 @@ class RayConfig:
     threads_per_actor: int = 1
     # Stream the actors' own logs (vLLM, DeepSpeed) to the console; they are always in Ray's log dir.
     log_to_driver: bool = False
+    # How each role's bundles are placed: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.
+    placement_strategy: str = "PACK"
+    # Any remote call (generation, scoring, a training phase) taking longer is an error, not a hang.
+    call_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -325,6 +329,8 @@ def validate(cfg: DictConfig) -> None:
            f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
     _check(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
+    _check(cfg.ray.call_timeout_s > 0, "ray.call_timeout_s", "must be > 0")
+    _one_of(cfg, "ray.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     _check_algorithm(cfg)
     _check_reward(cfg)
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",

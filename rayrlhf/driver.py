@@ -42,6 +42,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
     stop = GracefulStop()
     try:
         system = RLHFSystem(cfg, tokenizer.pad_token_id)
+        print(f"placed: {system.placement()}", flush=True)
         kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
         first_step = 1 if resume_from is None else resume(system, resume_from, kl_ctl, sampler)
         log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step)

@@ -11,6 +11,7 @@ from rayrlhf.algorithms import response_mask
 from rayrlhf.batch import Batch, build_batch
 from rayrlhf.cluster import RoleGroup
 from rayrlhf.data import Prompt
+from rayrlhf.errors import RayRLHFError
 from rayrlhf.rollout import RolloutWorker
 from rayrlhf.scorers import ReferenceWorker, RewardWorker
 from rayrlhf.trainer import TrainerWorker
@@ -75,16 +76,31 @@ class RLHFSystem:
             if "critic" in roles:
                 self.critic = self._trainer_group("critic", critic_path)
             # Actor __init__ errors (a bad model, an engine that cannot start) surface here.
-            ray.get([a.__ray_ready__.remote() for g in self.groups for a in g.actors])
+            self._wait([a.__ray_ready__.remote() for g in self.groups for a in g.actors], "start-up")
             self._join_weight_sync()
         except BaseException:
             self.shutdown()
             raise
 
     def _group(self, name, cls, count, cpus, gpus, threads, args) -> RoleGroup:
-        group = RoleGroup(name, cls, count, cpus, gpus, threads, args)
+        group = RoleGroup(name, cls, count, cpus, gpus, threads, args, self.cfg.ray.placement_strategy)
         self.groups.append(group)
         return group
+
+    def _wait(self, refs, what: str, timeout_s: float | None = None):
+        """ray.get with a deadline: a role that hangs becomes an error naming the stage."""
+        timeout_s = timeout_s or self.cfg.ray.call_timeout_s
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RayRLHFError(f"{what} did not finish within {timeout_s:.0f} s (ray.call_timeout_s or "
+                               "weight_sync.timeout_s); the actors' logs are in Ray's log directory"
+                               ) from None
+
+    def placement(self) -> str:
+        """Where each role runs, for the start-up log."""
+        return "; ".join(f"{g.name} x{len(g.actors)} on {', '.join(sorted(set(g.nodes())))}"
+                         for g in self.groups)
 
     def _trainer_group(self, role: str, model_path: str) -> RoleGroup:
         cfg = self.cfg
@@ -92,24 +108,24 @@ class RLHFSystem:
         group = self._group(role, TrainerWorker, role_cfg.num_ranks, role_cfg.cpus_per_rank,
                             role_cfg.gpus_per_rank, cfg.ray.threads_per_actor,
                             lambda rank: (role, rank, role_cfg.num_ranks))
-        master_addr, master_port = ray.get(group.actors[0].address.remote())
-        ray.get(group.call("setup", master_addr, master_port, model_path, role_cfg, cfg.algorithm,
-                           cfg.model.dtype, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
-                           cfg.seed))
+        master_addr, master_port = self._wait(group.actors[0].address.remote(), f"{role} rendezvous")
+        self._wait(group.call("setup", master_addr, master_port, model_path, role_cfg, cfg.algorithm,
+                              cfg.model.dtype, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
+                              cfg.seed), f"{role} set-up")
         return group
 
     def _join_weight_sync(self) -> None:
         ws, tp = self.cfg.weight_sync, self.cfg.rollout.tensor_parallel_size
         backend = "nccl" if self.cfg.actor.gpus_per_rank > 0 else "gloo"
         sender = self.actor.actors[0]
-        self.plan = ray.get(sender.weight_sync_plan.remote(ws.bucket_mb))
-        addr, port = ray.get(sender.address.remote())
+        self.plan = self._wait(sender.weight_sync_plan.remote(ws.bucket_mb), "weight sync plan")
+        addr, port = self._wait(sender.address.remote(), "weight sync rendezvous")
         world = 1 + len(self.rollout.actors) * tp
         refs = [sender.join_weight_sync.remote(addr, port, world, backend, ws.timeout_s)]
         refs += self.rollout.scatter("join_weight_sync", [
             (addr, port, 1 + i * tp, world, backend, ws.timeout_s)
             for i in range(len(self.rollout.actors))])
-        ray.get(refs, timeout=ws.timeout_s)
+        self._wait(refs, "weight sync group", ws.timeout_s)
 
     # Sample
 
@@ -120,8 +136,8 @@ class RLHFSystem:
         seeds = [(self.cfg.seed * 1_000_003 + step * 10_007 + i) % 2**31 for i in range(len(prompts))]
         n = len(self.rollout.actors)
         shards = zip(split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n), strict=True)
-        per_prompt = [s for part in ray.get(self.rollout.scatter(
-            "generate", list(shards), greedy=greedy)) for s in part]
+        per_prompt = [s for part in self._wait(self.rollout.scatter(
+            "generate", list(shards), greedy=greedy), "generation") for s in part]
         flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True)
                 for sample in samples]
         batch = build_batch([p.token_ids for p, _ in flat], [s.response_ids for _, s in flat],
@@ -139,10 +155,11 @@ class RLHFSystem:
     def rewards(self, rollout: Rollout) -> dict:
         """The reward workers' output for every sample: scores, reasons for unusable ones, metrics."""
         shards = split_evenly(list(range(len(rollout.prompts))), len(self.reward.actors))
-        parts = ray.get(self.reward.scatter("scores", [
+        parts = self._wait(self.reward.scatter("scores", [
             (batch, [rollout.prompts[i] for i in rows], [rollout.responses[i] for i in rows],
              {k: [v[i] for i in rows] for k, v in rollout.fields.items()})
-            for batch, rows in zip(rollout.batch.chunks(len(shards)), shards, strict=True)]))
+            for batch, rows in zip(rollout.batch.chunks(len(shards)), shards, strict=True)]),
+            "reward scoring")
         return {
             "scores": torch.cat([p["scores"] for p in parts]),
             "reasons": {rows[row]: why for rows, p in zip(shards, parts, strict=True)
@@ -161,7 +178,7 @@ class RLHFSystem:
         if self.critic is not None:
             refs["old_values"] = self.critic.scatter("infer", shards(self.critic))
         for key, group_refs in refs.items():
-            batch[key] = torch.cat(ray.get(group_refs))
+            batch[key] = torch.cat(self._wait(group_refs, key))
 
     # Learn
 
@@ -172,7 +189,7 @@ class RLHFSystem:
                 for g in groups]
         stats: dict[str, float] = {}
         for group_refs in refs:
-            per_rank = ray.get(group_refs)
+            per_rank = self._wait(group_refs, "training")
             for key in per_rank[0]:
                 stats[key] = sum(r[key] for r in per_rank) / len(per_rank)
         return stats
@@ -180,21 +197,23 @@ class RLHFSystem:
     def sync_weights(self) -> int:
         """Actor weights -> every engine; returns the bytes broadcast."""
         refs = self.actor.call("send_weights", self.plan) + self.rollout.call("receive_weights", self.plan)
-        return ray.get(refs, timeout=self.cfg.weight_sync.timeout_s)[0]
+        return self._wait(refs, "weight sync", self.cfg.weight_sync.timeout_s)[0]
 
     def save_checkpoint(self, path: str) -> None:
-        ray.get([ref for role, g in self._trainers() for ref in g.call("save_checkpoint", f"{path}/{role}")])
+        self._wait(self._each_trainer("save_checkpoint", path), "checkpoint save")
 
     def load_checkpoint(self, path: str) -> None:
         """Trainer states from `path`, then the engines get the resumed actor weights."""
-        ray.get([ref for role, g in self._trainers() for ref in g.call("load_checkpoint", f"{path}/{role}")])
+        self._wait(self._each_trainer("load_checkpoint", path), "checkpoint load")
         self.sync_weights()
 
-    def _trainers(self) -> list[tuple[str, RoleGroup]]:
-        return [(role, g) for role, g in (("actor", self.actor), ("critic", self.critic)) if g is not None]
+    def _each_trainer(self, method: str, path: str) -> list[ray.ObjectRef]:
+        """`method(path/role)` on every rank of the actor and (if any) critic trainers."""
+        return [ref for role, g in (("actor", self.actor), ("critic", self.critic)) if g is not None
+                for ref in g.call(method, f"{path}/{role}")]
 
     def save_policy(self, path: str) -> None:
-        ray.get(self.actor.call("save", path))
+        self._wait(self.actor.call("save", path), "policy save")
 
     def shutdown(self) -> None:
         for group in reversed(self.groups):

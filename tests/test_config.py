@@ -69,6 +69,8 @@ def test_reward_sources():
     ("algorithm.loss_agg=sum", "'algorithm.loss_agg' must be one of"),
     ("algorithm.kl_in=both", "'algorithm.kl_in' must be one of reward, loss"),
     ("algorithm.dual_clip=0.5", "'algorithm.dual_clip' must be > 1"),
+    ("ray.placement_strategy=RANDOM", "'ray.placement_strategy' must be one of PACK, SPREAD"),
+    ("ray.call_timeout_s=0", "'ray.call_timeout_s' must be > 0"),
     ("algorithm.estimator=grpo", "'rollout.n' must be >= 2 for algorithm.estimator=grpo"),
 ])
 def test_algorithm_options_are_checked(override, message):

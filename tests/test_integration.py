@@ -60,13 +60,14 @@ def check_run(cfg, history, initial_policy):
 
 
 def test_zero2_two_ranks_two_engines_reward_model(tmp_path, ray_cluster, tiny_policy, tiny_reward_model,
-                                                  prompt_file):
+                                                  prompt_file, capsys):
     cfg = small_config(tmp_path, tiny_policy, "reward.function=", f"data.path={prompt_file}",
                        f"reward.models=[{{path: {tiny_reward_model}}}]",
                        "actor.num_ranks=2", "critic.num_ranks=2", "actor.zero_stage=2",
                        "critic.zero_stage=2", "rollout.num_engines=2", "reward.num_workers=2")
     history = train(cfg)
     lines = check_run(cfg, history, tiny_policy)
+    assert "placed: rollout x2 on " in capsys.readouterr().out
     # A reward model's scores are continuous, unlike the rule's multiples of 1/8.
     assert lines[0]["reward/std"] > 0
     assert wait_for_resources_released(ray_cluster)
@@ -125,3 +126,12 @@ def test_default_task_learns(tmp_path, ray_cluster, tiny_policy):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.05
     assert last > first + 0.15, rewards
+
+
+def test_a_hanging_call_becomes_an_error_and_frees_the_actors(tmp_path, ray_cluster, tiny_policy):
+    from rayrlhf.errors import RayRLHFError
+
+    cfg = small_config(tmp_path, tiny_policy, "ray.call_timeout_s=0.01")
+    with pytest.raises(RayRLHFError, match=r"did not finish within 0 s \(ray.call_timeout_s"):
+        train(cfg)
+    assert wait_for_resources_released(ray_cluster)
