@@ -51,13 +51,12 @@ class RLHFSystem:
         model_path = cfg.model.path
         self.pad_token_id = pad_token_id
         self.groups: list[RoleGroup] = []
-        threads = cfg.ray.threads_per_actor
         max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
         critic_path = cfg.critic.model_path or model_path
         try:
             r = cfg.rollout
             self.rollout = self._group("rollout", RolloutWorker, r.num_engines, r.cpus_per_engine,
-                                       r.gpus_per_engine, threads, lambda i: (
+                                       r.gpus_per_engine, lambda i: (
                                            model_path, cfg.model.tokenizer, r, cfg.model.dtype,
                                            cfg.seed + i, max_model_len))
             roles = roles_needed(cfg)
@@ -65,12 +64,12 @@ class RLHFSystem:
             if "reference" in roles:
                 ref = cfg.reference
                 self.reference = self._group("reference", ReferenceWorker, ref.num_workers,
-                                             ref.cpus_per_worker, ref.gpus_per_worker, threads, lambda i: (
+                                             ref.cpus_per_worker, ref.gpus_per_worker, lambda i: (
                                                  model_path, cfg.model.dtype, ref.micro_batch_size,
                                                  r.temperature))
             rw = cfg.reward
             self.reward = self._group("reward", RewardWorker, rw.num_workers, rw.cpus_per_worker,
-                                      rw.gpus_per_worker, threads, lambda i: (rw, cfg.model.dtype))
+                                      rw.gpus_per_worker, lambda i: (rw, cfg.model.dtype))
             self.actor = self._trainer_group("actor", model_path)
             self.critic = None
             if "critic" in roles:
@@ -82,8 +81,10 @@ class RLHFSystem:
             self.shutdown()
             raise
 
-    def _group(self, name, cls, count, cpus, gpus, threads, args) -> RoleGroup:
-        group = RoleGroup(name, cls, count, cpus, gpus, threads, args, self.cfg.ray.placement_strategy)
+    def _group(self, name, cls, count, cpus, gpus, args) -> RoleGroup:
+        ray_cfg = self.cfg.ray
+        group = RoleGroup(name, cls, count, cpus, gpus, ray_cfg.threads_per_actor, args,
+                          ray_cfg.placement_strategy)
         self.groups.append(group)
         return group
 
@@ -106,8 +107,7 @@ class RLHFSystem:
         cfg = self.cfg
         role_cfg = cfg[role]
         group = self._group(role, TrainerWorker, role_cfg.num_ranks, role_cfg.cpus_per_rank,
-                            role_cfg.gpus_per_rank, cfg.ray.threads_per_actor,
-                            lambda rank: (role, rank, role_cfg.num_ranks))
+                            role_cfg.gpus_per_rank, lambda rank: (role, rank, role_cfg.num_ranks))
         master_addr, master_port = self._wait(group.actors[0].address.remote(), f"{role} rendezvous")
         self._wait(group.call("setup", master_addr, master_port, model_path, role_cfg, cfg.algorithm,
                               cfg.model.dtype, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
