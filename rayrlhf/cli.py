@@ -1,4 +1,5 @@
-"""`rayrlhf train --config conf/FILE.yaml [key=value ...]` and `rayrlhf serve-rm --model PATH`."""
+"""`rayrlhf {train,sft,rm,pipeline} --config conf/FILE.yaml [key=value ...]` and
+`rayrlhf serve-rm --model PATH`."""
 
 from __future__ import annotations
 
@@ -10,21 +11,27 @@ from pathlib import Path
 from rayrlhf.errors import Interrupted, RayRLHFError
 
 DEFAULT_CONFIG = "conf/tiny_ppo.yaml"
+COMMANDS = {"train": "run PPO (or a critic-free relative)",
+            "sft": "supervised fine-tuning on (prompt, response) data",
+            "rm": "reward-model training on (prompt, chosen, rejected) pairs",
+            "pipeline": "SFT, then reward model, then PPO, in one output directory"}
 
 
-def _default_config() -> Path:
-    """conf/tiny_ppo.yaml in the working directory, else the one beside the package source."""
-    local = Path(DEFAULT_CONFIG)
-    return local if local.exists() else Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+def _default_config(command: str) -> Path:
+    """The command's tiny preset in the working directory, else the one beside the package source."""
+    name = "conf/tiny_pipeline.yaml" if command != "train" else DEFAULT_CONFIG
+    local = Path(name)
+    return local if local.exists() else Path(__file__).resolve().parent.parent / name
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayrlhf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    train_cmd = commands.add_parser("train", help="run PPO")
-    train_cmd.add_argument("--config", type=Path, default=None,
-                           help=f"YAML preset (default: {DEFAULT_CONFIG})")
-    train_cmd.add_argument("overrides", nargs="*", metavar="key=value")
+    for name, help_text in COMMANDS.items():
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument("--config", type=Path, default=None,
+                         help=f"YAML preset (default: {_default_config(name).name} from conf/)")
+        cmd.add_argument("overrides", nargs="*", metavar="key=value")
     serve_cmd = commands.add_parser("serve-rm", help="serve a reward model over HTTP")
     serve_cmd.add_argument("--model", required=True, help="HF sequence-classification reward model")
     serve_cmd.add_argument("--host", default="127.0.0.1")
@@ -36,14 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve-rm":
         return _serve_rm(args)
-
-    from rayrlhf.config import load_config
-
     try:
-        cfg = load_config(args.config or _default_config(), args.overrides)
-        from rayrlhf.driver import train
-
-        history = train(cfg)
+        message = _run(args.command, args.config or _default_config(args.command), args.overrides)
     except Interrupted as err:
         print(f"rayrlhf: {err}", file=sys.stderr)
         return 128 + err.signum
@@ -56,10 +57,32 @@ def main(argv: list[str] | None = None) -> int:
         print("rayrlhf: interrupted again before the step ended; actors stopped, no checkpoint saved",
               file=sys.stderr)
         return 130
-    last = history[-1]
-    print(f"done: {len(history)} steps, reward/mean {last['reward/mean']:.3f}, "
-          f"outputs in {cfg.output_dir}")
+    print(message)
     return 0
+
+
+def _run(command: str, config: Path, overrides: list[str]) -> str:
+    """Runs the command; returns the closing line."""
+    from rayrlhf.config import load_config
+
+    cfg = load_config(config, overrides, stage=None if command == "pipeline" else
+                      {"train": "ppo"}.get(command, command))
+    if command == "train":
+        from rayrlhf.driver import train
+
+        history = train(cfg)
+        return (f"done: {len(history)} steps, reward/mean {history[-1]['reward/mean']:.3f}, "
+                f"outputs in {cfg.output_dir}")
+    if command == "pipeline":
+        from rayrlhf.pipeline import run_pipeline
+
+        summary = run_pipeline(cfg)
+    else:
+        from rayrlhf.supervised import train_supervised
+
+        summary = train_supervised(command, cfg)
+    lines = [f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in summary.items()]
+    return "\n".join([f"done: {command}, outputs in {cfg.output_dir}", *lines])
 
 
 def _serve_rm(args) -> int:

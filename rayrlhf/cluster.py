@@ -52,13 +52,24 @@ class RoleGroup:
             raise RayRLHFError(
                 f"cannot place role '{name}': it needs {count} x {bundle} and the cluster has "
                 f"{ray.available_resources()} free") from None
-        remote_cls = ray.remote(cls)
-        for rank in range(count):
-            strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
-            self.actors.append(remote_cls.options(
-                num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy,
-                runtime_env={"env_vars": actor_env(threads, gpus)},
-            ).remote(*args(rank)))
+        self._remote_cls, self._args = ray.remote(cls), args
+        self._options = {"num_cpus": cpus, "num_gpus": gpus,
+                         "runtime_env": {"env_vars": actor_env(threads, gpus)}}
+        self.actors = [self._start(rank) for rank in range(count)]
+
+    def _start(self, rank: int):
+        strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
+        options = {"scheduling_strategy": strategy, **self._options}
+        return self._remote_cls.options(**options).remote(*self._args(rank))
+
+    def restart(self, rank: int) -> None:
+        """A fresh actor for `rank` on its bundle, in place of one that died."""
+        ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = self._start(rank)
+
+    def find(self, actor_id: str) -> int | None:
+        """The rank of the actor with this id (hex), if it is one of ours."""
+        return next((i for i, a in enumerate(self.actors) if a._actor_id.hex() == actor_id), None)
 
     def nodes(self) -> list[str]:
         """The IP of the node holding each actor's bundle."""

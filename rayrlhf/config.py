@@ -31,8 +31,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # JSONL, Parquet or a local HF `datasets` directory; empty uses the built-in synthetic task.
+    # JSONL, Parquet or a local HF `datasets` directory; empty uses the prompts of `task`.
     path: str = ""
+    # A built-in synthetic task (see rayrlhf.tasks.TASKS) supplying prompts, and for SFT and RM
+    # demonstrations and preference pairs, when no dataset path is given.
+    task: str = ""
     prompt_field: str = "prompt"
     # Wrap each prompt in the tokenizer's chat template as a user turn.
     chat_template: bool = False
@@ -59,6 +62,9 @@ class RolloutConfig:
     # vLLM KV cache size on CPU (GiB) and memory fraction on GPU.
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.5
+    # Engines that die during a run are started again (with the current weights) and the lost
+    # work retried, up to this many restarts in the run.
+    max_restarts: int = 3
 
 
 @dataclass
@@ -108,6 +114,15 @@ class RewardConfig(ReferenceConfig):
 
 
 @dataclass
+class LoraConfig:
+    # LoRA rank (via peft); 0 trains every parameter.
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class TrainerRoleConfig:
     # Data-parallel ranks, one Ray actor each.
     num_ranks: int = 1
@@ -119,12 +134,68 @@ class TrainerRoleConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 16
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class CriticConfig(TrainerRoleConfig):
     # Empty starts the critic from the policy model with a fresh value head.
     model_path: str = ""
+
+
+@dataclass
+class SupervisedDataConfig:
+    # JSONL, Parquet or a local HF `datasets` directory; empty uses the built-in `data.task`.
+    path: str = ""
+    # Held-out rows: a file in the same format, else the last `eval_fraction` of `path`.
+    eval_path: str = ""
+    eval_fraction: float = 0.1
+    prompt_field: str = "prompt"
+    # SFT reads the response; reward-model training reads the chosen and rejected responses.
+    response_field: str = "response"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # Wrap each prompt in the tokenizer's chat template as a user turn.
+    chat_template: bool = False
+    # Longest prompt + response in tokens; a longer sample is truncated (its response cut) or
+    # dropped, and counted either way.
+    max_tokens: int = 128
+    overlong: str = "truncate"
+    # Rows of the built-in task's data (held-out rows are extra).
+    synthetic_size: int = 2048
+
+
+@dataclass
+class SupervisedStageConfig(TrainerRoleConfig):
+    """SFT or reward-model training: data-parallel DeepSpeed ranks on (prompt, response) data."""
+    data: SupervisedDataConfig = field(default_factory=SupervisedDataConfig)
+    # Model to start from; empty means model.path (SFT) or the SFT output / model.path (RM).
+    model_path: str = ""
+    epochs: int = 1
+    # Stop after this many optimizer steps (0: run every epoch).
+    max_steps: int = 0
+    # Samples (SFT) or pairs (RM) per optimizer step, over all ranks.
+    batch_size: int = 32
+    # Held-out evaluation every N steps, and always at the end (0: only at the end).
+    eval_every: int = 0
+
+
+@dataclass
+class SFTConfig(SupervisedStageConfig):
+    # Pack several short samples into each row (attention kept within a sample).
+    packing: bool = False
+
+
+@dataclass
+class PipelineConfig:
+    # Stages that run, in this order, each reading the previous one's checkpoint.
+    stages: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
+    # Stages to run again although their outputs exist (the stages after them rerun too).
+    rerun: list[str] = field(default_factory=list)
+    # Weight of the trained reward model among the PPO reward sources.
+    rm_weight: float = 1.0
+    # Start the PPO critic from the trained reward model (as InstructGPT does).
+    critic_from_rm: bool = True
 
 
 @dataclass
@@ -181,6 +252,11 @@ class EvalConfig:
     path: str = ""
     size: int = 64
     greedy: bool = True
+    # A reward function that scores held-out responses beside the reward sources, logged as
+    # eval/rule_score (e.g. a task's accuracy rule that training never sees); empty is none.
+    function: str = ""
+    # Also evaluate the starting policy, logged as step 0.
+    before_training: bool = False
 
 
 @dataclass
@@ -210,6 +286,16 @@ class RayConfig:
 
 
 @dataclass
+class LoggingConfig:
+    # TensorBoard event files under output_dir/tensorboard.
+    tensorboard: bool = True
+    # Weights & Biases; mode "offline" writes under output_dir/wandb without any network.
+    wandb: bool = False
+    wandb_project: str = "rayrlhf"
+    wandb_mode: str = "offline"
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
@@ -227,10 +313,19 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: SupervisedStageConfig = field(default_factory=SupervisedStageConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Schema <- YAML preset <- dotted overrides, then validation. Unknown keys are errors."""
+STAGES = ("sft", "rm", "ppo")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                stage: str | None = "ppo") -> DictConfig:
+    """Schema <- YAML preset <- dotted overrides, then validation for `stage` (sft, rm or ppo;
+    None for the pipeline, which validates each stage's derived config). Unknown keys are errors."""
     cfg = OmegaConf.structured(RunConfig)
     if path is not None:
         path = Path(path)
@@ -247,7 +342,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise ConfigError(f"override '{item}': {_explain(err)}") from None
-    validate(cfg)
+    validate(cfg, stage)
     return cfg
 
 
@@ -264,10 +359,73 @@ def _check(ok: bool, key: str, why: str) -> None:
         raise ConfigError(f"config key '{key}' {why}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Range and consistency checks that OmegaConf's types cannot express."""
+def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
+    """Range and consistency checks that OmegaConf's types cannot express: those every command
+    shares, then the stage's own."""
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("config key 'model.path' is required (an HF id or a local path)")
+    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+           f"must be float32, bfloat16 or float16, got {cfg.model.dtype}")
+    from rayrlhf.tasks import TASKS
+
+    _check(cfg.data.task in ("", *TASKS), "data.task",
+           f"must be empty or a built-in task ({', '.join(TASKS)}); got '{cfg.data.task}'")
+    _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", f"must be >= 1, got {cfg.ray.num_cpus}")
+    _check(cfg.ray.threads_per_actor >= 1, "ray.threads_per_actor", "must be >= 1")
+    _check(cfg.ray.call_timeout_s > 0, "ray.call_timeout_s", "must be > 0")
+    _one_of(cfg, "ray.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    _one_of(cfg, "logging.wandb_mode", ("offline", "online", "disabled"))
+    for role in ("actor", "critic", "sft", "rm"):
+        _check_trainer_role(cfg, role)
+    for name in cfg.pipeline.stages:
+        _check(name in STAGES, "pipeline.stages", f"must list stages among {', '.join(STAGES)}; got '{name}'")
+    _check(list(cfg.pipeline.stages) == [s for s in STAGES if s in cfg.pipeline.stages], "pipeline.stages",
+           f"must be in the order {', '.join(STAGES)} without repeats")
+    for name in cfg.pipeline.rerun:
+        _check(name in cfg.pipeline.stages, "pipeline.rerun",
+               f"names '{name}', which is not in pipeline.stages")
+    if stage in ("sft", "rm"):
+        _check_supervised(cfg, stage)
+    elif stage == "ppo":
+        _check_ppo(cfg)
+
+
+def _check_trainer_role(cfg: DictConfig, role: str) -> None:
+    r = cfg[role]
+    for key in ("num_ranks", "micro_batch_size"):
+        _check(r[key] >= 1, f"{role}.{key}", f"must be >= 1, got {r[key]}")
+    _check(r.cpus_per_rank > 0, f"{role}.cpus_per_rank", f"must be > 0, got {r.cpus_per_rank}")
+    _check(r.gpus_per_rank >= 0, f"{role}.gpus_per_rank", f"must be >= 0, got {r.gpus_per_rank}")
+    _check(r.zero_stage in (0, 1, 2, 3), f"{role}.zero_stage", f"must be 0, 1, 2 or 3, got {r.zero_stage}")
+    _check(r.lr > 0, f"{role}.lr", f"must be > 0, got {r.lr}")
+    _check(r.grad_clip >= 0, f"{role}.grad_clip", "must be >= 0")
+    _check(r.weight_decay >= 0, f"{role}.weight_decay", f"must be >= 0, got {r.weight_decay}")
+    _check(r.lora.rank >= 0, f"{role}.lora.rank", f"must be >= 0 (0 is off), got {r.lora.rank}")
+    if r.lora.rank:
+        _check(r.lora.alpha > 0, f"{role}.lora.alpha", f"must be > 0, got {r.lora.alpha}")
+        _check(0 <= r.lora.dropout < 1, f"{role}.lora.dropout", f"must be in [0, 1), got {r.lora.dropout}")
+        _check(len(r.lora.target_modules) > 0, f"{role}.lora.target_modules", "must name at least one module")
+
+
+def _check_supervised(cfg: DictConfig, stage: str) -> None:
+    s, data = cfg[stage], cfg[stage].data
+    for key in ("epochs", "batch_size"):
+        _check(s[key] >= 1, f"{stage}.{key}", f"must be >= 1, got {s[key]}")
+    for key in ("max_steps", "eval_every"):
+        _check(s[key] >= 0, f"{stage}.{key}", f"must be >= 0, got {s[key]}")
+    _check(s.batch_size % (s.num_ranks * s.micro_batch_size) == 0, f"{stage}.batch_size",
+           f"({s.batch_size}) must be a multiple of {stage}.num_ranks x {stage}.micro_batch_size "
+           f"({s.num_ranks} x {s.micro_batch_size})")
+    _check(data.max_tokens >= 2, f"{stage}.data.max_tokens", f"must be >= 2, got {data.max_tokens}")
+    _one_of(cfg, f"{stage}.data.overlong", ("truncate", "drop"))
+    _check(0 < data.eval_fraction < 1, f"{stage}.data.eval_fraction",
+           f"must be in (0, 1), got {data.eval_fraction}")
+    _check(data.synthetic_size >= 1, f"{stage}.data.synthetic_size", "must be >= 1")
+    _check(bool(data.path or cfg.data.task), f"{stage}.data.path",
+           "is needed (or data.task for a built-in task's synthetic data)")
+
+
+def _check_ppo(cfg: DictConfig) -> None:
     positive_ints = {
         "rollout.num_engines": cfg.rollout.num_engines,
         "rollout.tensor_parallel_size": cfg.rollout.tensor_parallel_size,
@@ -277,10 +435,6 @@ def validate(cfg: DictConfig) -> None:
         "reward.micro_batch_size": cfg.reward.micro_batch_size,
         "reference.num_workers": cfg.reference.num_workers,
         "reference.micro_batch_size": cfg.reference.micro_batch_size,
-        "actor.num_ranks": cfg.actor.num_ranks,
-        "actor.micro_batch_size": cfg.actor.micro_batch_size,
-        "critic.num_ranks": cfg.critic.num_ranks,
-        "critic.micro_batch_size": cfg.critic.micro_batch_size,
         "algorithm.ppo_epochs": cfg.algorithm.ppo_epochs,
         "algorithm.train_batch_size": cfg.algorithm.train_batch_size,
         "algorithm.kl_horizon": cfg.algorithm.kl_horizon,
@@ -289,8 +443,6 @@ def validate(cfg: DictConfig) -> None:
         "trainer.keep_checkpoints": cfg.trainer.keep_checkpoints,
         "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
         "data.synthetic_size": cfg.data.synthetic_size,
-        "ray.num_cpus": cfg.ray.num_cpus,
-        "ray.threads_per_actor": cfg.ray.threads_per_actor,
     }
     for key, value in positive_ints.items():
         _check(value >= 1, key, f"must be >= 1, got {value}")
@@ -301,24 +453,16 @@ def validate(cfg: DictConfig) -> None:
         "algorithm.kl_coef": cfg.algorithm.kl_coef,
         "algorithm.kl_target": cfg.algorithm.kl_target,
         "algorithm.value_clip_eps": cfg.algorithm.value_clip_eps,
-        "actor.weight_decay": cfg.actor.weight_decay,
-        "critic.weight_decay": cfg.critic.weight_decay,
+        "rollout.max_restarts": cfg.rollout.max_restarts,
     }
     for key, value in non_negative.items():
         _check(value >= 0, key, f"must be >= 0, got {value}")
-    for key in ("rollout.cpus_per_engine", "reward.cpus_per_worker", "reference.cpus_per_worker",
-                "actor.cpus_per_rank", "critic.cpus_per_rank"):
+    for key in ("rollout.cpus_per_engine", "reward.cpus_per_worker", "reference.cpus_per_worker"):
         value = OmegaConf.select(cfg, key)
         _check(value > 0, key, f"must be > 0, got {value}")
-    for key in ("rollout.gpus_per_engine", "reward.gpus_per_worker", "reference.gpus_per_worker",
-                "actor.gpus_per_rank", "critic.gpus_per_rank"):
+    for key in ("rollout.gpus_per_engine", "reward.gpus_per_worker", "reference.gpus_per_worker"):
         value = OmegaConf.select(cfg, key)
         _check(value >= 0, key, f"must be >= 0, got {value}")
-    for role in ("actor", "critic"):
-        _check(cfg[role].zero_stage in (0, 1, 2, 3), f"{role}.zero_stage",
-               f"must be 0, 1, 2 or 3, got {cfg[role].zero_stage}")
-        _check(cfg[role].lr > 0, f"{role}.lr", f"must be > 0, got {cfg[role].lr}")
-        _check(cfg[role].grad_clip >= 0, f"{role}.grad_clip", "must be >= 0")
     for key in ("algorithm.gamma", "algorithm.lam", "rollout.top_p"):
         value = OmegaConf.select(cfg, key)
         _check(0 < value <= 1 or (key != "rollout.top_p" and value == 0), key,
@@ -329,12 +473,13 @@ def validate(cfg: DictConfig) -> None:
            f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
     _check(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
-    _check(cfg.ray.call_timeout_s > 0, "ray.call_timeout_s", "must be > 0")
-    _one_of(cfg, "ray.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     _check_algorithm(cfg)
     _check_reward(cfg)
-    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-           f"must be float32, bfloat16 or float16, got {cfg.model.dtype}")
+    _check(bool(cfg.data.path or cfg.data.task), "data.path",
+           "is needed (or data.task for a built-in task's prompts)")
+    _check(not cfg.eval.every or bool(cfg.eval.path or cfg.data.task), "eval.path",
+           "is needed for eval.every > 0 (or data.task for a built-in task's held-out prompts)")
+    _check_function(cfg, "eval.function")
 
     _check((cfg.actor.gpus_per_rank > 0) == (cfg.rollout.gpus_per_engine > 0), "rollout.gpus_per_engine",
            "and actor.gpus_per_rank must both be > 0 (NCCL weight sync) or both 0 (gloo)")
@@ -377,16 +522,21 @@ def _check_algorithm(cfg: DictConfig) -> None:
     _check(cfg.eval.size >= 1, "eval.size", f"must be >= 1, got {cfg.eval.size}")
 
 
+def _check_function(cfg: DictConfig, key: str) -> None:
+    """A built-in reward function's name, or a user file (checked when it is loaded)."""
+    name = OmegaConf.select(cfg, key)
+    if name and ":" not in name and not name.endswith(".py"):
+        from rayrlhf.rewards import BUILTIN
+
+        _check(name in BUILTIN, key, f"must be a built-in ({', '.join(BUILTIN)}) or path/to/file.py[:name]; "
+               f"got '{name}'")
+
+
 def _check_reward(cfg: DictConfig) -> None:
     reward = cfg.reward
     _check(bool(reward.function or reward.models or reward.remote), "reward",
            "needs at least one source: reward.function, reward.models or reward.remote")
-    if reward.function and ":" not in reward.function and not reward.function.endswith(".py"):
-        from rayrlhf.rewards import BUILTIN
-
-        _check(reward.function in BUILTIN, "reward.function",
-               f"must be a built-in ({', '.join(BUILTIN)}) or path/to/file.py[:name]; "
-               f"got '{reward.function}'")
+    _check_function(cfg, "reward.function")
     _check(reward.clip >= 0, "reward.clip", f"must be >= 0, got {reward.clip}")
     _check(reward.remote_timeout_s > 0, "reward.remote_timeout_s", "must be > 0")
     _check(reward.remote_retries >= 0, "reward.remote_retries", "must be >= 0")

@@ -1,4 +1,5 @@
-"""Prompt datasets: JSONL, Parquet, a local HF `datasets` directory, or the built-in synthetic set.
+"""Datasets: prompts (PPO), demonstrations (SFT) and preference pairs (reward model), from JSONL,
+Parquet, a local HF `datasets` directory, or a built-in synthetic task.
 
 Everything is read and tokenised in the driver before any actor starts, so a bad file fails fast.
 """
@@ -10,8 +11,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from rayrlhf.batch import Batch, build_batch
 from rayrlhf.errors import DataError
-from rayrlhf.rewards import SYNTHETIC_PROMPTS
+from rayrlhf.tasks import TASKS, demonstrations, preference_pairs
 
 
 @dataclass
@@ -58,11 +62,24 @@ def _read_rows(path: Path) -> list[dict]:
     raise DataError(f"dataset {path}: unsupported format (use .jsonl, .parquet or a datasets directory)")
 
 
-def load_prompts(data_cfg, tokenizer, reward_function: str, seed: int, path: str | None = None,
-                 size: int | None = None) -> list[Prompt]:
+def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
+    if chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(text).input_ids
+
+
+def _no_task(key: str) -> DataError:
+    return DataError(f"no data: set {key} or data.task (built-in tasks: {', '.join(TASKS)})")
+
+
+def load_prompts(data_cfg, tokenizer, seed: int, path: str | None = None, size: int | None = None,
+                 held_out: bool = False) -> list[Prompt]:
     """Read, check and tokenise every prompt; any prompt over the length limit is an error.
 
-    `path` and `size` default to data.path and data.synthetic_size (evaluation passes its own).
+    `path` and `size` default to data.path and data.synthetic_size (evaluation passes its own, and
+    `held_out` for the task's evaluation prompts).
     """
     path = data_cfg.path if path is None else path
     rows: list[dict] = []
@@ -70,27 +87,16 @@ def load_prompts(data_cfg, tokenizer, reward_function: str, seed: int, path: str
         rows = _read_rows(Path(path))
         if not rows:
             raise DataError(f"dataset {path} is empty")
-        texts = []
-        for i, row in enumerate(rows):
-            value = row.get(data_cfg.prompt_field) if isinstance(row, dict) else None
-            if not isinstance(value, str) or not value:
-                raise DataError(f"dataset {path}, row {i}: no non-empty string field "
-                                f"'{data_cfg.prompt_field}' (set data.prompt_field)")
-            texts.append(value)
+        texts = [_text_field(row, data_cfg.prompt_field, f"dataset {path}, row {i}", "data.prompt_field")
+                 for i, row in enumerate(rows)]
     else:
-        if reward_function not in SYNTHETIC_PROMPTS:
-            raise DataError(f"no prompts: set data.path (built-in prompts come only with a built-in "
-                            f"reward.function: {', '.join(SYNTHETIC_PROMPTS)})")
-        texts = SYNTHETIC_PROMPTS[reward_function](size or data_cfg.synthetic_size, seed)
+        if not data_cfg.task:
+            raise _no_task("data.path")
+        texts = TASKS[data_cfg.task].prompts(size or data_cfg.synthetic_size, seed, held_out)
 
     prompts = []
     for i, text in enumerate(texts):
-        if data_cfg.chat_template:
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                     add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(rendered, add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(text).input_ids
+        ids = encode_prompt(tokenizer, text, data_cfg.chat_template)
         if len(ids) > data_cfg.max_prompt_tokens:
             raise DataError(f"prompt {i} has {len(ids)} tokens, more than data.max_prompt_tokens="
                             f"{data_cfg.max_prompt_tokens}: {text[:60]!r}")
@@ -99,6 +105,146 @@ def load_prompts(data_cfg, tokenizer, reward_function: str, seed: int, path: str
         fields = {k: v for k, v in rows[i].items() if k != data_cfg.prompt_field} if rows else {}
         prompts.append(Prompt(text, ids, fields))
     return prompts
+
+
+def _text_field(row, name: str, where: str, key: str, allow_empty: bool = False) -> str:
+    value = row.get(name) if isinstance(row, dict) else None
+    if not isinstance(value, str) or not (value or allow_empty):
+        raise DataError(f"{where}: no {'' if allow_empty else 'non-empty '}string field '{name}' (set {key})")
+    return value
+
+
+# Supervised data: SFT demonstrations (one response) and preference pairs (chosen, rejected).
+
+@dataclass
+class SupervisedData:
+    # (prompt_ids, response_ids, ...) per example; each response ends with EOS unless truncated.
+    train: list[tuple[list[int], ...]]
+    eval: list[tuple[list[int], ...]]
+    # Examples dropped or changed, by reason (train and held-out together).
+    counts: dict[str, int]
+
+    def describe(self) -> str:
+        changed = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items() if v)
+        return f"{len(self.train)} training and {len(self.eval)} held-out examples" + \
+            (f" ({changed})" if changed else "")
+
+
+def load_supervised(stage: str, data_cfg, task: str, tokenizer, seed: int) -> SupervisedData:
+    """`stage` "sft" reads (prompt, response) rows; "rm" reads (prompt, chosen, rejected) rows.
+
+    A missing or non-string field is an error naming the row. Empty responses, identical
+    chosen/rejected pairs and prompts that leave no room for a response are dropped; responses
+    over `max_tokens` are truncated or dropped (`overlong`); every such example is counted.
+    """
+    keys = ("response_field",) if stage == "sft" else ("chosen_field", "rejected_field")
+    fields = tuple(data_cfg[k] for k in keys)
+    if data_cfg.path:
+        train_rows = _read_rows(Path(data_cfg.path))
+        source, eval_source, eval_first_row = data_cfg.path, data_cfg.eval_path, 0
+        if data_cfg.eval_path:
+            eval_rows = _read_rows(Path(data_cfg.eval_path))
+        else:
+            cut = len(train_rows) - max(1, round(len(train_rows) * data_cfg.eval_fraction))
+            train_rows, eval_rows = train_rows[:cut], train_rows[cut:]
+            eval_source, eval_first_row = data_cfg.path, cut
+    else:
+        if not task:
+            raise _no_task(f"{stage}.data.path")
+        make = demonstrations if stage == "sft" else preference_pairs
+        train_rows = make(task, data_cfg.synthetic_size, seed)
+        eval_rows = make(task, max(64, round(data_cfg.synthetic_size * data_cfg.eval_fraction)), seed + 1,
+                         held_out=True)
+        fields = ("response",) if stage == "sft" else ("chosen", "rejected")
+        source = eval_source = f"built-in task {task}"
+        eval_first_row = 0
+    counts = dict.fromkeys(("empty_response", "identical_pair", "overlong_truncated", "overlong_dropped"), 0)
+    train = _encode(train_rows, fields, keys, stage, data_cfg, tokenizer, source, 0, counts)
+    held_out = _encode(eval_rows, fields, keys, stage, data_cfg, tokenizer, eval_source, eval_first_row,
+                       counts)
+    if not train or not held_out:
+        raise DataError(f"{stage} data from {source}: no usable {'training' if not train else 'held-out'} "
+                        f"examples left ({counts})")
+    return SupervisedData(train, held_out, counts)
+
+
+def _encode(rows: list, fields: tuple[str, ...], keys: tuple[str, ...], stage: str, data_cfg, tokenizer,
+            source: str, first_row: int, counts: dict[str, int]) -> list[tuple[list[int], ...]]:
+    examples = []
+    for i, row in enumerate(rows, first_row):
+        where = f"{source}, row {i}"
+        prompt = encode_prompt(tokenizer, _text_field(row, data_cfg.prompt_field, where,
+                                                      f"{stage}.data.prompt_field"), data_cfg.chat_template)
+        texts = [_text_field(row, f, where, f"{stage}.data.{k}", allow_empty=True)
+                 for f, k in zip(fields, keys, strict=True)]
+        if not all(t.strip() for t in texts):
+            counts["empty_response"] += 1
+            continue
+        room = data_cfg.max_tokens - len(prompt)
+        eos = [tokenizer.eos_token_id]
+        responses = [tokenizer(t, add_special_tokens=False).input_ids + eos for t in texts]
+        if room < 1 or (data_cfg.overlong == "drop" and max(map(len, responses)) > room):
+            counts["overlong_dropped"] += 1
+            continue
+        if max(map(len, responses)) > room:
+            counts["overlong_truncated"] += 1
+            responses = [r[:room] for r in responses]
+        if len(responses) == 2 and responses[0] == responses[1]:
+            counts["identical_pair"] += 1
+            continue
+        examples.append((prompt, *responses))
+    return examples
+
+
+# An SFT example: prompt token ids, response token ids.
+Example = tuple[list[int], list[int]]
+
+
+def sft_batch(rows: list[list[Example]], pad_id: int) -> Batch:
+    """Rows of one or more (prompt, response) examples each (several when packed), right-padded.
+
+    `loss_mask` marks the tokens the loss predicts (response tokens only); `segment_ids` number
+    the examples of a row from 1 (0 is padding), so attention can stay within an example, and
+    positions restart at each example.
+    """
+    width = max(sum(len(p) + len(r) for p, r in row) for row in rows)
+    tensors = {k: torch.zeros(len(rows), width, dtype=torch.long)
+               for k in ("sequences", "loss_mask", "segment_ids", "position_ids")}
+    tensors["sequences"].fill_(pad_id)
+    for i, row in enumerate(rows):
+        at = 0
+        for segment, (prompt, response) in enumerate(row, 1):
+            n = len(prompt) + len(response)
+            tensors["sequences"][i, at:at + n] = torch.tensor(prompt + response)
+            tensors["loss_mask"][i, at + len(prompt):at + n] = 1
+            tensors["segment_ids"][i, at:at + n] = segment
+            tensors["position_ids"][i, at:at + n] = torch.arange(n)
+            at += n
+    return Batch(0, tensors)
+
+
+def pack(examples: list[Example], max_tokens: int) -> list[list[Example]]:
+    """First-fit decreasing: examples grouped into rows of at most `max_tokens` tokens."""
+    rows: list[list] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: -(len(e[0]) + len(e[1]))):
+        n = len(example[0]) + len(example[1])
+        slot = next((i for i, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([])
+            room.append(max_tokens)
+            slot = len(rows) - 1
+        rows[slot].append(example)
+        room[slot] -= n
+    return rows
+
+
+def preference_batch(examples: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> Batch:
+    """Pairs in the shared layout, [B, 2, ...]: index 0 the chosen response, 1 the rejected."""
+    flat = build_batch([e[0] for e in examples for _ in range(2)], [r for e in examples for r in e[1:]],
+                       pad_id)
+    return Batch(flat.prompt_len, {k: v.view(len(examples), 2, *v.shape[1:])
+                                   for k, v in flat.tensors.items()})
 
 
 class PromptSampler:

@@ -13,11 +13,19 @@ from tqdm import tqdm
 
 from rayrlhf import algorithms as alg
 from rayrlhf.batch import Batch
-from rayrlhf.checkpoint import checkpoint_dir, prune, read_state, resolve_resume, write_state
+from rayrlhf.checkpoint import (
+    checkpoint_dir,
+    complete_checkpoints,
+    prune,
+    read_state,
+    resolve_resume,
+    write_state,
+)
 from rayrlhf.cluster import start_ray
-from rayrlhf.data import Prompt, PromptSampler, load_prompts
-from rayrlhf.errors import Interrupted, ModelError, RewardError
+from rayrlhf.data import PromptSampler, load_prompts
+from rayrlhf.errors import Interrupted, RayRLHFError, RewardError
 from rayrlhf.metrics import MetricsLog, StageTimer
+from rayrlhf.modeling import check_model_path, load_tokenizer
 from rayrlhf.rewards import load_reward_function
 from rayrlhf.system import RLHFSystem, Rollout
 from rayrlhf.tiny import ensure_tiny_model
@@ -27,11 +35,9 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
     """Runs PPO (or a critic-free relative) as configured; returns the per-iteration metrics."""
     output_dir = Path(cfg.output_dir)
     tokenizer = prepare_models(cfg)
-    prompts = load_prompts(cfg.data, tokenizer, cfg.reward.function, cfg.seed)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.seed)
     sampler = PromptSampler(prompts, cfg.trainer.prompts_per_step, cfg.seed)
-    eval_prompts = load_prompts(cfg.data, tokenizer, cfg.reward.function, cfg.seed + 1,
-                                path=cfg.eval.path, size=cfg.eval.size)[:cfg.eval.size] \
-        if cfg.eval.every else []
+    evaluator = Evaluator(cfg, tokenizer) if cfg.eval.every else None
     resume_from = resolve_resume(cfg.resume, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
@@ -45,7 +51,10 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
         print(f"placed: {system.placement()}", flush=True)
         kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
         first_step = 1 if resume_from is None else resume(system, resume_from, kl_ctl, sampler)
-        log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step)
+        log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step, logging_cfg=cfg.logging,
+                         config=OmegaConf.to_container(cfg, resolve=True))
+        if evaluator and cfg.eval.before_training and first_step == 1:
+            log.log({"step": 0, **evaluator(system, 0)}, advance=False)
         for step in range(first_step, cfg.trainer.total_steps + 1):
             timer = StageTimer()
             batch_prompts = sampler.next_batch()
@@ -69,11 +78,12 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
                 sync_bytes = system.sync_weights()
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 save_policy(system, tokenizer, output_dir / f"policy_step{step}")
-            if cfg.eval.every and step % cfg.eval.every == 0:
+            if evaluator and (step % cfg.eval.every == 0 or step == cfg.trainer.total_steps):
                 with timer("eval"):
-                    feedback |= evaluate(system, eval_prompts, step, cfg.eval.greedy)
+                    feedback |= evaluator(system, step)
 
             metrics = step_metrics(step, rollout.batch, feedback, learn, sync_bytes, timer, cfg.weight_sync)
+            metrics |= system.memory()
             log.log(metrics)
             history.append(metrics)
             every = cfg.trainer.checkpoint_every
@@ -85,6 +95,8 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
                                       f"{saved}; to continue, run the same command with resume=true",
                                       stop.signum)
         save_policy(system, tokenizer, output_dir / "policy")
+    except ray.exceptions.RayActorError as err:
+        raise actor_died(err, system, output_dir) from None
     finally:
         stop.restore()
         if log is not None:
@@ -94,6 +106,18 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
         if started_ray:
             ray.shutdown()
     return history
+
+
+def actor_died(err: ray.exceptions.RayActorError, system: RLHFSystem | None, output_dir: Path
+               ) -> RayRLHFError:
+    """A role that cannot be restarted in place (a trainer rank, a scorer) died: the run stops,
+    naming it and the checkpoint to resume from."""
+    who = system.describe_actor(err.actor_id) if system is not None and err.actor_id else "an actor"
+    saved = complete_checkpoints(output_dir)
+    hint = (f"resume from {saved[-1]} with resume=true" if saved else
+            "no checkpoint had been written (trainer.checkpoint_every)")
+    return RayRLHFError(f"{who} died ({type(err).__name__}: its process exited or was killed, e.g. "
+                        f"out of memory); the run stopped and its actors were released; {hint}")
 
 
 class GracefulStop:
@@ -193,17 +217,31 @@ def add_advantages(batch: Batch, algo, kl_coef: float, group_size: int,
     return stats
 
 
-def evaluate(system: RLHFSystem, prompts: list[Prompt], step: int, greedy: bool) -> dict[str, float]:
-    """Held-out prompts through the current policy and the reward sources (nothing trains on them)."""
-    rollout = system.generate(prompts, step, greedy=greedy)
-    rewards = system.rewards(rollout)
-    valid = torch.isfinite(rewards["scores"])
-    metrics = {"eval/reward_mean": rewards["scores"][valid].mean().item() if valid.any() else float("nan"),
-               "eval/invalid": float((~valid).sum()),
-               "eval/response_length_mean": rollout.batch["response_lengths"].float().mean().item()}
-    for key, values in rewards["metrics"].items():
-        metrics[f"eval/{key}"] = values[valid].nanmean().item()
-    return metrics
+class Evaluator:
+    """Held-out prompts through the current policy, scored by the reward sources and, if given,
+    by eval.function (eval/rule_score, e.g. a task's accuracy). Nothing trains on them."""
+
+    def __init__(self, cfg: DictConfig, tokenizer):
+        self.cfg = cfg.eval
+        self.prompts = load_prompts(cfg.data, tokenizer, cfg.seed + 1, path=cfg.eval.path, size=cfg.eval.size,
+                                    held_out=True)[:cfg.eval.size]
+        self.rule = load_reward_function(cfg.eval.function) if cfg.eval.function else None
+
+    def __call__(self, system: RLHFSystem, step: int) -> dict[str, float]:
+        rollout = system.generate(self.prompts, step, greedy=self.cfg.greedy)
+        rewards = system.rewards(rollout)
+        valid = torch.isfinite(rewards["scores"])
+        mean = rewards["scores"][valid].mean().item() if valid.any() else float("nan")
+        metrics = {"eval/reward_mean": mean,
+                   "eval/invalid": float((~valid).sum()),
+                   "eval/response_length_mean": rollout.batch["response_lengths"].float().mean().item()}
+        for key, values in rewards["metrics"].items():
+            metrics[f"eval/{key}"] = values[valid].nanmean().item()
+        if self.rule is not None:
+            scores = self.rule(rollout.prompts, rollout.responses, **rollout.fields)
+            scores = scores["reward"] if isinstance(scores, dict) else scores
+            metrics["eval/rule_score"] = sum(scores) / len(scores)
+        return metrics
 
 
 def step_metrics(step: int, batch: Batch, feedback: dict, learn: dict, sync_bytes: int,
@@ -231,32 +269,19 @@ def logprob_gap(batch: Batch, warn_gap: float, step: int) -> dict[str, float]:
 
 def prepare_models(cfg: DictConfig):
     """Build the tiny model if asked, check every model path, and return the tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
-
     if cfg.reward.function:
         load_reward_function(cfg.reward.function)  # fails here, before any actor starts
+    if cfg.eval.function:
+        load_reward_function(cfg.eval.function)
+    if cfg.model.build_tiny:
+        ensure_tiny_model(cfg.model.path, seed=cfg.seed)
     checks = {f"reward.models[{i}].path": spec.path for i, spec in enumerate(cfg.reward.models)}
     checks |= {"critic.model_path": cfg.critic.model_path, "model.tokenizer": cfg.model.tokenizer,
                "model.path": cfg.model.path}
     for key, path in checks.items():
-        if not path:
-            continue
-        if key == "model.path" and cfg.model.build_tiny:
-            ensure_tiny_model(path, seed=cfg.seed)
-        looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
-        if looks_local and not Path(path).expanduser().exists():
-            raise ModelError(f"{key} '{path}' does not exist")
-        try:
-            if key == "model.tokenizer":
-                AutoTokenizer.from_pretrained(path)
-            else:
-                AutoConfig.from_pretrained(path)
-        except Exception as err:  # noqa: BLE001 - any loader failure means an unusable path
-            raise ModelError(f"{key} '{path}' cannot be loaded: {str(err).splitlines()[0]}") from None
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        if path:
+            check_model_path(key, path, tokenizer=key == "model.tokenizer")
+    return load_tokenizer(cfg.model.tokenizer or cfg.model.path)
 
 
 def save_policy(system: RLHFSystem, tokenizer, path: Path) -> None:

@@ -1,13 +1,17 @@
-"""Stage timing, metrics.jsonl and the console progress bar: kept out of the driver loop's way."""
+"""Stage timing, metrics.jsonl, TensorBoard/W&B and the progress bar: kept out of the driver loop's way."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import numbers
+import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from rayrlhf.errors import RayRLHFError
 
 STAGES = ("generate", "experience", "train", "weight_sync", "eval")
 
@@ -31,10 +35,34 @@ class StageTimer:
         return out
 
 
-class MetricsLog:
-    """One JSON object per iteration in metrics.jsonl, and a progress bar with the key numbers."""
+PPO_PROGRESS = {"reward": "reward/mean", "kl": "kl/mean", "len": "response/length_mean",
+                "tok_s": "throughput/tokens_per_s"}
 
-    def __init__(self, output_dir: Path, total_steps: int, first_step: int = 1):
+
+def process_memory() -> dict[str, float]:
+    """This process's memory in GiB, so each actor can report its own role's footprint."""
+    import psutil
+    import torch
+
+    out = {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        out["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+class MetricsLog:
+    """Each record goes to metrics.jsonl, optionally TensorBoard and W&B; key numbers go to a progress bar."""
+
+    def __init__(self, output_dir: Path, total_steps: int, first_step: int = 1, *, name: str = "ppo",
+                 progress: dict[str, str] | None = None, logging_cfg=None, config: dict | None = None):
+        output_dir = Path(output_dir)
+        self.progress = PPO_PROGRESS if progress is None else progress
+        # Writers that can fail on setup come first, so a failure leaves no file open.
+        self.writer = self.run = None
+        if logging_cfg is not None and logging_cfg.wandb:
+            self.run = _wandb_run(output_dir, logging_cfg, config)
+        if logging_cfg is not None and logging_cfg.tensorboard:
+            self.writer = _summary_writer(output_dir / "tensorboard", first_step)
         # A fresh run starts the file anew; a resumed one keeps the steps before it.
         path = output_dir / "metrics.jsonl"
         kept = []
@@ -43,17 +71,53 @@ class MetricsLog:
                     if line and json.loads(line)["step"] < first_step]
         self.file = path.open("w", encoding="utf-8")
         self.file.writelines(line + "\n" for line in kept)
-        self.bar = tqdm(total=total_steps, initial=first_step - 1, desc="ppo", unit="step",
+        self.bar = tqdm(total=total_steps, initial=first_step - 1, desc=name, unit="step",
                         dynamic_ncols=True)
 
-    def log(self, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
+    def log(self, metrics: dict[str, float], advance: bool = True) -> None:
+        self.file.write(json.dumps(metrics) + "\n")  # NaN/inf become NaN/Infinity, which json.loads reads
         self.file.flush()
-        self.bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0):.3f}",
-                             len=f"{metrics['response/length_mean']:.1f}",
-                             tok_s=f"{metrics['throughput/tokens_per_s']:.0f}", refresh=False)
-        self.bar.update(1)
+        step = metrics["step"]
+        scalars = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, numbers.Real)}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, global_step=step)
+            self.writer.flush()
+        if self.run is not None:
+            self.run.log(scalars, step=step)
+        shown = {label: f"{metrics[key]:{'.0f' if 'per_s' in key else '.3f'}}"
+                 for label, key in self.progress.items() if key in metrics}
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+        if advance:
+            self.bar.update(1)
+        else:
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
         self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _summary_writer(log_dir: Path, first_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise RayRLHFError("logging.tensorboard needs tensorboard: pip install tensorboard") from e
+    # On resume, purge_step makes TensorBoard drop the old run's events from first_step on.
+    return SummaryWriter(str(log_dir), purge_step=first_step if first_step > 1 else None)
+
+
+def _wandb_run(output_dir: Path, logging_cfg, config: dict | None):
+    try:
+        import wandb
+    except ImportError as e:
+        raise RayRLHFError("logging.wandb needs wandb: pip install wandb") from e
+    os.environ.setdefault("WANDB_SILENT", "true")  # keep its banner off the progress bar
+    return wandb.init(project=logging_cfg.wandb_project, mode=logging_cfg.wandb_mode, dir=str(output_dir),
+                      config=config, name=output_dir.name, reinit="finish_previous")

@@ -6,6 +6,8 @@ import torch
 
 from rayrlhf.algorithms import entropy_from_logits, response_logprobs
 from rayrlhf.batch import Batch, position_ids
+from rayrlhf.errors import ModelError
+from rayrlhf.lora import plain_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,6 +26,30 @@ def load_scalar_model(path: str, dtype: str):
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+
+
+def check_model_path(key: str, path: str, tokenizer: bool = False) -> None:
+    """A clear error, in the driver before any actor starts, for a model that cannot load."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
+    if looks_local and not Path(path).expanduser().exists():
+        raise ModelError(f"{key} '{path}' does not exist")
+    try:
+        (AutoTokenizer if tokenizer else AutoConfig).from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - any loader failure means an unusable path
+        raise ModelError(f"{key} '{path}' cannot be loaded: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -49,8 +75,29 @@ def policy_logprobs_and_entropy(model, batch: Batch, temperature: float, with_en
 
 def _scalar_head(model, batch: Batch) -> torch.Tensor:
     """[B, T] the scalar head applied at every position (HF reads it at one position only)."""
+    model = plain_model(model)
     hidden = model.base_model(**_model_inputs(batch), use_cache=False).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
+
+
+def pair_scores(model, batch: Batch) -> torch.Tensor:
+    """[B, 2] reward-model scores of preference pairs laid out by data.preference_batch."""
+    flat = Batch(batch.prompt_len, {k: v.flatten(0, 1) for k, v in batch.tensors.items()})
+    return sequence_scores(model, flat).view(len(batch), 2)
+
+
+def sft_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits of rows laid out by data.sft_batch; packed examples attend only within themselves."""
+    segments = batch["segment_ids"]
+    if segments.max() > 1:
+        width = segments.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+        same = segments[:, :, None] == segments[:, None, :]
+        mask = (same & causal & (segments[:, None, :] > 0))[:, None]
+    else:
+        mask = (segments > 0).long()
+    return model(input_ids=batch["sequences"], attention_mask=mask, position_ids=batch["position_ids"],
+                 use_cache=False).logits
 
 
 def token_values(model, batch: Batch) -> torch.Tensor:

@@ -4,58 +4,44 @@ A reward function has the contract `reward(prompts: list[str], responses: list[s
 -> list[float]`, where `fields` holds the dataset's other columns for the same rows. It may also
 return a dict {"reward": [...], "<metric>": [...]}; the other lists are logged as metrics.
 
-The default task, `alphabet`: a prompt is a run of consecutive letters ("cdef"); the response
-should go on with the alphabet ("ghijklmn", wrapping z -> a). The score is the number of response
+For the built-in task `alphabet` (rayrlhf.tasks): `alphabet` scores the number of response
 characters that follow their predecessor (the prompt's last letter for the first one), divided by
-ALPHABET_TARGET_LEN, so in [0, 1]. A random tiny model scores about 0.02; a policy that has learnt
-the successor map scores close to 1.
+ALPHABET_TARGET_LEN, so in [0, 1]; a random tiny model scores about 0.02, a policy that has learnt
+the successor map close to 1. `alphabet_exact` is the task's accuracy: exactly the right answer.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import random
-import string
 from collections.abc import Callable
 from pathlib import Path
 
 from rayrlhf.errors import RewardError
+from rayrlhf.tasks import ANSWER_LEN, LETTERS, alphabet_answer, last_letter, successor
 
-ALPHABET_TARGET_LEN = 8
-LETTERS = string.ascii_lowercase
-
-
-def _successor(ch: str) -> str:
-    return LETTERS[(LETTERS.index(ch) + 1) % 26]
+ALPHABET_TARGET_LEN = ANSWER_LEN
 
 
 def alphabet_reward(prompt: str, response: str) -> float:
-    previous = prompt[-1] if prompt else ""
+    previous = last_letter(prompt)
     correct = 0
     for ch in response[:ALPHABET_TARGET_LEN]:
-        if previous in LETTERS and ch == _successor(previous):
+        if previous in LETTERS and ch == successor(previous):
             correct += 1
         previous = ch
     return correct / ALPHABET_TARGET_LEN
-
-
-def alphabet_prompts(count: int, seed: int) -> list[str]:
-    """Runs of 3 to 6 consecutive letters starting anywhere in the alphabet."""
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(count):
-        start, length = rng.randrange(26), rng.randint(3, 6)
-        prompts.append("".join(LETTERS[(start + i) % 26] for i in range(length)))
-    return prompts
 
 
 def alphabet(prompts: list[str], responses: list[str], **fields) -> list[float]:
     return [alphabet_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
-# Built-in reward functions, and the prompt sets that go with them when no dataset is given.
-BUILTIN: dict[str, Callable[..., list[float]]] = {"alphabet": alphabet}
-SYNTHETIC_PROMPTS: dict[str, Callable[[int, int], list[str]]] = {"alphabet": alphabet_prompts}
+def alphabet_exact(prompts: list[str], responses: list[str], **fields) -> list[float]:
+    """Task accuracy: 1 for exactly the right continuation (and nothing after it), else 0."""
+    return [float(r.strip() == alphabet_answer(p)) for p, r in zip(prompts, responses, strict=True)]
+
+
+BUILTIN: dict[str, Callable[..., list[float]]] = {"alphabet": alphabet, "alphabet_exact": alphabet_exact}
 
 
 def load_reward_function(spec: str) -> Callable[..., list[float]]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import ray
 import torch
+from tqdm import tqdm
 
 from rayrlhf.algorithms import response_mask
 from rayrlhf.batch import Batch, build_batch
 from rayrlhf.cluster import RoleGroup
 from rayrlhf.data import Prompt
 from rayrlhf.errors import RayRLHFError
+from rayrlhf.metrics import process_memory
 from rayrlhf.rollout import RolloutWorker
 from rayrlhf.scorers import ReferenceWorker, RewardWorker
 from rayrlhf.trainer import TrainerWorker
@@ -45,12 +48,60 @@ def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     return torch.tensor([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
 
 
+def wait(refs, what: str, timeout_s: float):
+    """ray.get with a deadline, failing fast: a role that hangs becomes an error naming the stage,
+    and the first call that fails (its actor died, say) raises at once instead of after the
+    others, which may be waiting on it in a collective."""
+    pending = list(refs) if isinstance(refs, list) else [refs]
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise RayRLHFError(f"{what} did not finish within {timeout_s:.0f} s (ray.call_timeout_s or "
+                               "weight_sync.timeout_s); the actors' logs are in Ray's log directory")
+        ray.get(ready)
+    return ray.get(refs)
+
+
+def role_memory(groups: list[RoleGroup], timeout_s: float) -> dict[str, float]:
+    """memory/<role>_rss_gib (and _cuda_peak_gib on GPU): the largest over the role's actors."""
+    refs = {g.name: [a.__ray_call__.remote(_actor_memory) for a in g.actors] for g in groups}
+    out: dict[str, float] = {}
+    for name, group_refs in refs.items():
+        for stats in wait(group_refs, "memory report", timeout_s):
+            for key, value in stats.items():
+                out[f"memory/{name}_{key}"] = max(out.get(f"memory/{name}_{key}", 0.0), value)
+    return out
+
+
+def _actor_memory(actor) -> dict[str, float]:
+    return process_memory()
+
+
+def trainer_group(role: str, role_cfg, model_path: str, train_batch_size: int, cfg, **setup_kwargs
+                  ) -> RoleGroup:
+    """`role_cfg.num_ranks` DeepSpeed ranks of `role`, rendezvoused and loaded from `model_path`."""
+    ranks = role_cfg.num_ranks
+    group = RoleGroup(role, TrainerWorker, ranks, role_cfg.cpus_per_rank, role_cfg.gpus_per_rank,
+                      cfg.ray.threads_per_actor, lambda rank: (role, rank, ranks), cfg.ray.placement_strategy)
+    timeout_s = cfg.ray.call_timeout_s
+    try:
+        master_addr, master_port = wait(group.actors[0].address.remote(), f"{role} rendezvous", timeout_s)
+        wait(group.call("setup", master_addr, master_port, model_path, role_cfg, train_batch_size,
+                        cfg.model.dtype, cfg.seed, **setup_kwargs), f"{role} set-up", timeout_s)
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
+
+
 class RLHFSystem:
     def __init__(self, cfg, pad_token_id: int):
         self.cfg = cfg
         model_path = cfg.model.path
         self.pad_token_id = pad_token_id
         self.groups: list[RoleGroup] = []
+        self.engine_restarts = 0
         max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
         critic_path = cfg.critic.model_path or model_path
         try:
@@ -89,14 +140,10 @@ class RLHFSystem:
         return group
 
     def _wait(self, refs, what: str, timeout_s: float | None = None):
-        """ray.get with a deadline: a role that hangs becomes an error naming the stage."""
-        timeout_s = timeout_s or self.cfg.ray.call_timeout_s
-        try:
-            return ray.get(refs, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RayRLHFError(f"{what} did not finish within {timeout_s:.0f} s (ray.call_timeout_s or "
-                               "weight_sync.timeout_s); the actors' logs are in Ray's log directory"
-                               ) from None
+        return wait(refs, what, timeout_s or self.cfg.ray.call_timeout_s)
+
+    def memory(self) -> dict[str, float]:
+        return role_memory(self.groups, self.cfg.ray.call_timeout_s)
 
     def placement(self) -> str:
         """Where each role runs, for the start-up log."""
@@ -105,13 +152,10 @@ class RLHFSystem:
 
     def _trainer_group(self, role: str, model_path: str) -> RoleGroup:
         cfg = self.cfg
-        role_cfg = cfg[role]
-        group = self._group(role, TrainerWorker, role_cfg.num_ranks, role_cfg.cpus_per_rank,
-                            role_cfg.gpus_per_rank, lambda rank: (role, rank, role_cfg.num_ranks))
-        master_addr, master_port = self._wait(group.actors[0].address.remote(), f"{role} rendezvous")
-        self._wait(group.call("setup", master_addr, master_port, model_path, role_cfg, cfg.algorithm,
-                              cfg.model.dtype, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
-                              cfg.seed), f"{role} set-up")
+        group = trainer_group(role, cfg[role], model_path, cfg.algorithm.train_batch_size, cfg,
+                              algo_cfg=cfg.algorithm, temperature=cfg.rollout.temperature,
+                              norm_len=cfg.rollout.max_new_tokens)
+        self.groups.append(group)
         return group
 
     def _join_weight_sync(self) -> None:
@@ -135,9 +179,11 @@ class RLHFSystem:
         Sampling is seeded per prompt from (run seed, step, position), so it is reproducible."""
         seeds = [(self.cfg.seed * 1_000_003 + step * 10_007 + i) % 2**31 for i in range(len(prompts))]
         n = len(self.rollout.actors)
-        shards = zip(split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n), strict=True)
-        per_prompt = [s for part in self._wait(self.rollout.scatter(
-            "generate", list(shards), greedy=greedy), "generation") for s in part]
+        shards = list(zip(split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n),
+                          strict=True))
+        parts = self._with_engines(lambda: self._wait(self.rollout.scatter("generate", shards, greedy=greedy),
+                                                      "generation"))
+        per_prompt = [s for part in parts for s in part]
         flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True)
                 for sample in samples]
         batch = build_batch([p.token_ids for p, _ in flat], [s.response_ids for _, s in flat],
@@ -196,8 +242,54 @@ class RLHFSystem:
 
     def sync_weights(self) -> int:
         """Actor weights -> every engine; returns the bytes broadcast."""
+        return self._with_engines(self._broadcast_weights)
+
+    def _broadcast_weights(self) -> int:
         refs = self.actor.call("send_weights", self.plan) + self.rollout.call("receive_weights", self.plan)
         return self._wait(refs, "weight sync", self.cfg.weight_sync.timeout_s)[0]
+
+    def _with_engines(self, call):
+        """call(), which uses the engines. An engine that died (killed, out of memory) is started
+        again on its bundle and given the current weights, and call() is tried again, up to
+        rollout.max_restarts engine restarts in the run."""
+        while True:
+            try:
+                return call()
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                dead = self._dead_engines()
+                if not dead:
+                    raise
+                self.engine_restarts += len(dead)
+                limit = self.cfg.rollout.max_restarts
+                if self.engine_restarts > limit:
+                    raise RayRLHFError(f"rollout engine(s) {dead} died and the run has used its "
+                                       f"rollout.max_restarts={limit} engine restarts") from err
+                tqdm.write(f"rollout engine(s) {dead} died; restarting them with the current weights "
+                           f"({self.engine_restarts} of rollout.max_restarts={limit} restarts used)")
+                for rank in dead:
+                    self.rollout.restart(rank)
+                self._wait([a.__ray_ready__.remote() for a in self.rollout.actors], "engine restart")
+                self._join_weight_sync()  # a group cannot take a new member: every member joins anew
+                self._broadcast_weights()
+
+    def _dead_engines(self) -> list[int]:
+        dead = []
+        for rank, engine in enumerate(self.rollout.actors):
+            try:
+                ray.get(engine.__ray_ready__.remote(), timeout=30)
+            except ray.exceptions.RayActorError:
+                dead.append(rank)
+            except ray.exceptions.GetTimeoutError:
+                pass  # alive, busy
+        return dead
+
+    def describe_actor(self, actor_id: str) -> str:
+        """'actor rank 1' for an actor id (hex) of the system's, else the id."""
+        for group in self.groups:
+            rank = group.find(actor_id)
+            if rank is not None:
+                return f"{group.name} {'rank' if group.name in ('actor', 'critic') else 'worker'} {rank}"
+        return f"actor {actor_id}"
 
     def save_checkpoint(self, path: str) -> None:
         self._wait(self._each_trainer("save_checkpoint", path), "checkpoint save")

@@ -9,19 +9,25 @@ from collections import defaultdict
 import torch
 
 from rayrlhf import weight_sync
-from rayrlhf.algorithms import aggregate, kl_estimate, policy_loss, value_loss
+from rayrlhf.algorithms import aggregate, kl_estimate, pairwise_loss, policy_loss, sft_nll, value_loss
 from rayrlhf.batch import Batch
+from rayrlhf.lora import apply_lora, hf_weights, plain_model
 from rayrlhf.modeling import (
     DTYPES,
     default_device,
     infer_in_micro_batches,
     load_causal_lm,
     load_scalar_model,
+    pair_scores,
     policy_logprobs,
     policy_logprobs_and_entropy,
+    sft_logits,
     to_device,
     token_values,
 )
+
+# Roles whose model is a causal LM; the others (critic, reward model) have a scalar head.
+CAUSAL_ROLES = ("actor", "sft")
 
 
 def node_address() -> tuple[str, int]:
@@ -52,7 +58,8 @@ def deepspeed_config(role_cfg, train_batch_size: int, world_size: int, dtype: st
 
 
 class TrainerWorker:
-    """`role` is "actor" (policy, clipped surrogate loss) or "critic" (values, clipped value loss)."""
+    """`role` is "actor" (policy, clipped surrogate loss), "critic" (values, clipped value loss),
+    "sft" (next-token loss on response tokens) or "rm" (pairwise reward-model loss)."""
 
     def __init__(self, role: str, rank: int, world_size: int):
         self.role, self.rank, self.world_size = role, rank, world_size
@@ -61,8 +68,10 @@ class TrainerWorker:
     def address(self) -> tuple[str, int]:
         return node_address()
 
-    def setup(self, master_addr: str, master_port: int, model_path: str, role_cfg, algo_cfg,
-              dtype: str, temperature: float, norm_len: int, seed: int) -> None:
+    def setup(self, master_addr: str, master_port: int, model_path: str, role_cfg, train_batch_size: int,
+              dtype: str, seed: int, algo_cfg=None, temperature: float = 1.0, norm_len: int = 1) -> None:
+        """`train_batch_size` samples make one optimizer step over all ranks; `algo_cfg`,
+        `temperature` and `norm_len` (the PPO loss settings) matter to the actor and critic."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed
@@ -72,18 +81,22 @@ class TrainerWorker:
         deepspeed.init_distributed(dist_backend=self.backend)
         torch.manual_seed(seed)
         self.cfg, self.algo, self.temperature, self.norm_len = role_cfg, algo_cfg, temperature, norm_len
-        ds_config = deepspeed_config(role_cfg, algo_cfg.train_batch_size, self.world_size, dtype)
+        ds_config = deepspeed_config(role_cfg, train_batch_size, self.world_size, dtype)
         if role_cfg.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             # Kept alive so from_pretrained loads straight into ZeRO-3 partitions.
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        load = load_causal_lm if self.role == "actor" else load_scalar_model
-        model = load(model_path, dtype)
+        scalar_head = self.role not in CAUSAL_ROLES
+        model = (load_scalar_model if scalar_head else load_causal_lm)(model_path, dtype)
         if role_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=ds_config)
+        if role_cfg.lora.rank:
+            model = apply_lora(model, role_cfg.lora, scalar_head)
+            if role_cfg.gradient_checkpointing:
+                model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds_config)
         self.dtype = DTYPES[dtype]
 
     @property
@@ -101,7 +114,17 @@ class TrainerWorker:
         return infer_in_micro_batches(self._forward, self.module, batch, self.cfg.micro_batch_size,
                                       self.device)
 
-    def _loss(self, batch: Batch, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, batch: Batch, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.role == "sft":
+            tokens = batch["loss_mask"][:, 1:].sum()
+            loss = sft_nll(sft_logits(self.module, batch), batch["sequences"], batch["loss_mask"]).sum() \
+                / tokens.clamp(min=1)
+            return loss, {"loss/sft": loss.detach()}
+        if self.role == "rm":
+            scores = pair_scores(self.module, batch)
+            loss, accuracy = pairwise_loss(scores[:, 0], scores[:, 1])
+            return loss, {"loss/rm": loss.detach(), "rm/accuracy": accuracy,
+                          "rm/margin": (scores[:, 0] - scores[:, 1]).mean().detach()}
         if self.role == "critic":
             values = token_values(self.module, batch)
             clip = self.algo.value_clip_eps or None
@@ -133,22 +156,50 @@ class TrainerWorker:
     def train(self, batch: Batch, seed: int, kl_coef: float) -> dict[str, float]:
         """PPO epochs over this rank's share: minibatches of train_batch_size / ranks, each
         accumulated over micro-batches; DeepSpeed all-reduces and steps at each minibatch end."""
-        self.module.train()
         per_rank = self.algo.train_batch_size // self.world_size
         generator = torch.Generator().manual_seed(seed)
         sums: dict[str, float] = defaultdict(float)
-        count = 0
         for _ in range(self.algo.ppo_epochs):
             shuffled = batch.select(torch.randperm(len(batch), generator=generator))
             for minibatch in shuffled.minibatches(per_rank):
-                for micro in minibatch.minibatches(self.cfg.micro_batch_size):
-                    loss, stats = self._loss(to_device(micro, self.device), kl_coef)
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    for key, value in stats.items():
-                        sums[key] += float(value)
-                    count += 1
-        return {key: value / count for key, value in sums.items()}
+                self._optimizer_step(minibatch, sums, kl_coef=kl_coef)
+        return _means(sums)
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on this rank's share of a batch (SFT and reward-model training)."""
+        sums: dict[str, float] = defaultdict(float)
+        self._optimizer_step(batch, sums)
+        return _means(sums)
+
+    def _optimizer_step(self, minibatch: Batch, sums: dict[str, float], **loss_kwargs) -> None:
+        self.module.train()
+        for micro in minibatch.minibatches(self.cfg.micro_batch_size):
+            loss, stats = self._loss(to_device(micro, self.device), **loss_kwargs)
+            self.engine.backward(loss)
+            self.engine.step()
+            for key, value in stats.items():
+                sums[key] += float(value)
+            sums["_count"] += 1
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        """Held-out sums over this rank's share: SFT token NLL and token count; reward-model loss,
+        correctly ordered pairs and pair count (the driver adds them up over ranks)."""
+        self.module.eval()
+        sums: dict[str, float] = defaultdict(float)
+        for micro in batch.minibatches(self.cfg.micro_batch_size):
+            micro = to_device(micro, self.device)
+            if self.role == "sft":
+                sums["nll"] += float(sft_nll(sft_logits(self.module, micro), micro["sequences"],
+                                             micro["loss_mask"]).sum())
+                sums["tokens"] += float(micro["loss_mask"][:, 1:].sum())
+            else:
+                scores = pair_scores(self.module, micro)
+                loss, accuracy = pairwise_loss(scores[:, 0], scores[:, 1])
+                sums["loss"] += float(loss) * len(micro)
+                sums["correct"] += float(accuracy) * len(micro)
+                sums["pairs"] += len(micro)
+        return dict(sums)
 
     # Weight sync (actor only). Every rank takes part in sending (ZeRO-3 gathers are collective).
 
@@ -174,11 +225,17 @@ class TrainerWorker:
             raise RuntimeError(f"no DeepSpeed checkpoint under {path}")
 
     def save(self, path: str) -> None:
-        """HF-format checkpoint (full weights, gathered from ZeRO-3 shards) written by rank 0."""
+        """HF-format checkpoint of the plain model (LoRA merged, full weights gathered from ZeRO-3
+        shards), written by rank 0; transformers and vLLM load it directly."""
         state = {}
-        for name, param in self.module.named_parameters():
-            with weight_sync.gathered([param]):
+        for name, parts, compute in hf_weights(self.module):
+            with weight_sync.gathered(parts):
                 if self.rank == 0:
-                    state[name] = param.data.detach().cpu().clone()
+                    state[name] = compute().detach().cpu().clone()
         if self.rank == 0:
-            self.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            plain_model(self.module).save_pretrained(path, state_dict=state, safe_serialization=True)
+
+
+def _means(sums: dict[str, float]) -> dict[str, float]:
+    count = sums.pop("_count")
+    return {key: value / count for key, value in sums.items()}

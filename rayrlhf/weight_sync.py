@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from rayrlhf.lora import hf_weights
+
 # (HF parameter name, full shape, dtype name)
 ParamSpec = tuple[str, tuple[int, ...], str]
 
@@ -52,9 +54,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def parameter_specs(module: torch.nn.Module) -> list[ParamSpec]:
-    """Full shapes, also for ZeRO-3 partitioned parameters (which keep theirs in `ds_shape`)."""
+    """The plain HF weights (LoRA merged), with full shapes also for ZeRO-3 partitioned
+    parameters (which keep theirs in `ds_shape`)."""
     return [(name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
-            for name, p in module.named_parameters()]
+            for name, (p, *_), _ in hf_weights(module)]
 
 
 def gathered(params: list[torch.nn.Parameter]):
@@ -72,13 +75,13 @@ def send_buckets(module: torch.nn.Module, plan: list[list[ParamSpec]], group, is
 
     Returns the bytes sent.
     """
-    params = dict(module.named_parameters())
+    weights = {name: (parts, compute) for name, parts, compute in hf_weights(module)}
     sent = 0
     for bucket in plan:
-        bucket_params = [params[name] for name, _, _ in bucket]
-        with gathered(bucket_params):
+        entries = [weights[name] for name, _, _ in bucket]
+        with gathered([p for parts, _ in entries for p in parts]):
             if is_sender:
-                flat = torch.cat([p.data.reshape(-1) for p in bucket_params]).to(device)
+                flat = torch.cat([compute().reshape(-1) for _, compute in entries]).to(device)
                 group.broadcast(flat, 0).wait()
                 sent += flat.numel() * flat.element_size()
     return sent

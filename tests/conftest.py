@@ -26,9 +26,9 @@ def prompt_file(tmp_path_factory):
     """A JSONL prompt set with a `target` column: the letter that follows each prompt's last."""
     import json
 
-    from rayrlhf.rewards import alphabet_prompts
+    from rayrlhf.tasks import alphabet_answer, alphabet_prompts
 
-    rows = [{"prompt": p, "target": chr((ord(p[-1]) - 96) % 26 + 97)} for p in alphabet_prompts(64, seed=5)]
+    rows = [{"prompt": p, "target": alphabet_answer(p)[0]} for p in alphabet_prompts(64, seed=5)]
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return str(path)

@@ -10,6 +10,8 @@ from rayrlhf.cli import main
 
 @pytest.mark.parametrize("args, message", [
     (["trainer.totl_steps=3"], "unknown config key 'trainer.totl_steps'"),
+    (["data.task=sorting"], "'data.task' must be empty or a built-in task (alphabet); got 'sorting'"),
+    (["actor.lora.rank=-1"], "config key 'actor.lora.rank' must be >= 0"),
     (["model.path=/no/such/model", "model.build_tiny=false"], "model.path '/no/such/model' does not exist"),
     (["reward.models=[{path: /no/such/rm}]"], "reward.models[0].path '/no/such/rm' does not exist"),
     (["reward.function=no_such.py"], "reward.function 'no_such.py': no built-in of that name"),
@@ -23,6 +25,24 @@ def test_bad_input_exits_2_with_a_message(args, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("rayrlhf: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("sft", ["sft.batch_size=30"], "'sft.batch_size' (30) must be a multiple of sft.num_ranks x sft.micro"),
+    ("rm", ["rm.data.overlong=cut"], "'rm.data.overlong' must be one of truncate, drop; got 'cut'"),
+    ("rm", ["rm.model_path=/no/such/sft"], "rm.model_path '/no/such/sft' does not exist"),
+    ("sft", ["sft.data.path=/no/such.jsonl"], "dataset not found: /no/such.jsonl"),
+    ("pipeline", ["pipeline.stages=[rm,sft]"], "'pipeline.stages' must be in the order sft, rm, ppo"),
+    ("pipeline", ["pipeline.rerun=[ppo]", "pipeline.stages=[sft]"], "'pipeline.rerun' names 'ppo'"),
+    ("pipeline", ["eval.function=nope"], "'eval.function' must be a built-in"),
+])
+def test_bad_stage_input_exits_2_with_a_message(command, args, message, capsys, tmp_path):
+    code = main([command, "--config", "conf/tiny_pipeline.yaml", f"output_dir={tmp_path}",
+                 f"model.path={tmp_path / 'tiny'}", *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayrlhf: error: ") and message in err
+    assert not (tmp_path / "sft").exists()
 
 
 def test_console_script_exit_code():

@@ -7,7 +7,8 @@ import pytest
 from rayrlhf.config import load_config
 from rayrlhf.data import PromptSampler, load_prompts
 from rayrlhf.errors import DataError
-from rayrlhf.rewards import alphabet_prompts, alphabet_reward
+from rayrlhf.rewards import alphabet_reward
+from rayrlhf.tasks import alphabet_prompts
 from rayrlhf.tiny import build_tokenizer
 
 
@@ -26,7 +27,7 @@ def test_alphabet_reward_counts_successors():
     assert alphabet_reward("cdef", "ghxyzzzz") == 4 / 8  # g, h, y (after x), z (after y)
     assert alphabet_reward("cdef", "gh") == 2 / 8  # stopping early earns less
     assert alphabet_reward("cdef", "") == 0.0
-    assert all(3 <= len(p) <= 6 for p in alphabet_prompts(50, seed=0))
+    assert all(4 <= len(p) <= 7 and p.endswith("=") for p in alphabet_prompts(50, seed=0))
 
 
 def test_jsonl_parquet_and_datasets_dir_load_the_same_prompts(tmp_path, tokenizer):
@@ -39,7 +40,7 @@ def test_jsonl_parquet_and_datasets_dir_load_the_same_prompts(tmp_path, tokenize
     ds.to_parquet(str(tmp_path / "p.parquet"))
     ds.save_to_disk(str(tmp_path / "hf"))
     for path in (jsonl, tmp_path / "p.parquet", tmp_path / "hf"):
-        prompts = load_prompts(data_cfg(path=str(path), prompt_field="question"), tokenizer, "alphabet", 0)
+        prompts = load_prompts(data_cfg(path=str(path), prompt_field="question"), tokenizer, 0)
         assert [p.text for p in prompts] == ["abc", "hello"]
         assert prompts[0].token_ids == tokenizer("abc").input_ids
 
@@ -55,20 +56,20 @@ def test_bad_datasets_fail_with_a_clear_message(tmp_path, tokenizer, content, fi
     path = tmp_path / "p.jsonl"
     path.write_text(content)
     with pytest.raises(DataError) as err:
-        load_prompts(data_cfg(path=str(path), prompt_field=field), tokenizer, "alphabet", 0)
+        load_prompts(data_cfg(path=str(path), prompt_field=field), tokenizer, 0)
     assert message in str(err.value)
 
 
 def test_missing_and_unsupported_files(tmp_path, tokenizer):
     with pytest.raises(DataError, match="dataset not found"):
-        load_prompts(data_cfg(path=str(tmp_path / "nope.jsonl")), tokenizer, "alphabet", 0)
+        load_prompts(data_cfg(path=str(tmp_path / "nope.jsonl")), tokenizer, 0)
     (tmp_path / "p.csv").write_text("prompt\nabc\n")
     with pytest.raises(DataError, match="unsupported format"):
-        load_prompts(data_cfg(path=str(tmp_path / "p.csv")), tokenizer, "alphabet", 0)
+        load_prompts(data_cfg(path=str(tmp_path / "p.csv")), tokenizer, 0)
 
 
 def test_sampler_is_reproducible_and_covers_every_prompt(tokenizer):
-    prompts = load_prompts(data_cfg(synthetic_size=10), tokenizer, "alphabet", 0)
+    prompts = load_prompts(data_cfg(synthetic_size=10), tokenizer, 0)
     first = [p.text for p in PromptSampler(prompts, 5, seed=3).next_batch()]
     again = [p.text for p in PromptSampler(prompts, 5, seed=3).next_batch()]
     assert first == again
@@ -80,5 +81,5 @@ def test_chat_template_wraps_each_prompt(tmp_path, tokenizer):
     tokenizer.chat_template = "{% for m in messages %}q: {{ m['content'] }}{% endfor %} a:"
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "abc"}\n')
-    prompts = load_prompts(data_cfg(path=str(path), chat_template="true"), tokenizer, "alphabet", 0)
+    prompts = load_prompts(data_cfg(path=str(path), chat_template="true"), tokenizer, 0)
     assert tokenizer.decode(prompts[0].token_ids) == "q: abc a:"

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 
 REQUIRED_METRICS = ["step", "reward/mean", "kl/mean", "loss/policy", "loss/value",
                     "response/length_mean", "time/generate", "time/experience", "time/train",
-                    "time/weight_sync", "time/step", "throughput/tokens_per_s"]
+                    "time/weight_sync", "time/step", "throughput/tokens_per_s",
+                    *(f"memory/{role}_rss_gib"
+                      for role in ("rollout", "reference", "reward", "actor", "critic"))]
 
 
 def small_config(tmp_path, policy, *overrides):

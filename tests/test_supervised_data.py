@@ -1,0 +1,131 @@
+"""SFT and reward-model data: label masking, packing, pair layout, bad rows, the built-in task."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from rayrlhf.algorithms import pairwise_loss, sft_nll
+from rayrlhf.config import load_config
+from rayrlhf.data import load_supervised, pack, preference_batch, sft_batch
+from rayrlhf.errors import DataError
+from rayrlhf.rewards import alphabet_exact
+from rayrlhf.tasks import alphabet_answer, alphabet_corrupt, alphabet_prompts
+from rayrlhf.tiny import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def stage_data_cfg(stage, **overrides):
+    return load_config("conf/tiny_pipeline.yaml", [f"{stage}.data.{k}={v}" for k, v in overrides.items()],
+                       stage=stage)[stage].data
+
+
+def test_sft_loss_covers_response_tokens_only():
+    batch = sft_batch([[([5, 6], [7, 8, 2])]], pad_id=0)
+    assert batch["sequences"].tolist() == [[5, 6, 7, 8, 2]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 1]]
+    # Uniform logits over 4 tokens: every predicted token costs ln 4, prompt tokens cost nothing.
+    nll = sft_nll(torch.zeros(1, 5, 4), batch["sequences"].clamp(max=3), batch["loss_mask"])
+    assert torch.allclose(nll, torch.log(torch.tensor(4.0)) * torch.tensor([[0.0, 1, 1, 1]]))
+
+
+def test_packed_rows_restart_positions_and_number_the_examples():
+    rows = pack([([1], [2, 3]), ([4, 5], [6]), ([7], [8, 9, 10, 11])], max_tokens=6)
+    assert [sum(len(p) + len(r) for p, r in row) for row in rows] == [5, 6]
+    batch = sft_batch(rows, pad_id=0)
+    assert batch["sequences"].tolist() == [[7, 8, 9, 10, 11, 0], [1, 2, 3, 4, 5, 6]]
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 2, 2, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 2]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 1]]
+
+
+def test_packing_gives_the_same_loss_as_one_example_per_row(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rayrlhf.modeling import sft_logits
+    from rayrlhf.tiny import build_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m")).eval()
+    examples = [([5, 6, 7], [8, 9, 2]), ([10, 11], [12, 2]), ([13], [14, 15, 16, 2])]
+
+    def total_nll(batch):
+        with torch.no_grad():
+            return sft_nll(sft_logits(model, batch), batch["sequences"], batch["loss_mask"]).sum()
+
+    packed = sft_batch(pack(examples, max_tokens=16), pad_id=0)
+    assert packed["sequences"].shape[0] == 1
+    unpacked = sft_batch([[e] for e in examples], pad_id=0)
+    assert torch.allclose(total_nll(packed), total_nll(unpacked), atol=1e-4)
+
+
+def test_pairwise_loss_and_accuracy():
+    loss, accuracy = pairwise_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
+    # -log sigmoid(2) and -log sigmoid(0) = ln 2, averaged; one pair ordered right, one tie.
+    expected = (torch.nn.functional.softplus(torch.tensor(-2.0)) + torch.log(torch.tensor(2.0))) / 2
+    assert torch.isclose(loss, expected)
+    assert accuracy.item() == 0.5
+
+
+def test_preference_batch_keeps_each_pair_together():
+    batch = preference_batch([([1, 2], [3, 0], [4, 5, 0]), ([6], [7, 0], [8, 0])], pad_id=9)
+    assert batch["sequences"].shape == (2, 2, 5)  # pairs, (chosen, rejected), P + N
+    assert batch["sequences"][0].tolist() == [[1, 2, 3, 0, 9], [1, 2, 4, 5, 0]]
+    assert batch["sequences"][1].tolist() == [[9, 6, 7, 0, 9], [9, 6, 8, 0, 9]]
+    assert batch["response_lengths"].tolist() == [[2, 3], [2, 2]]
+    assert len(batch.minibatches(1)) == 2
+
+
+def write_rows(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_bad_preference_rows_are_counted_or_named(tmp_path, tokenizer):
+    rows = [{"prompt": "ab=", "chosen": "cd", "rejected": "ce"}] * 6 + [
+        {"prompt": "ab=", "chosen": "", "rejected": "ce"},          # empty response: skipped
+        {"prompt": "ab=", "chosen": "cd", "rejected": "cd"},        # identical: skipped
+        {"prompt": "ab=", "chosen": "c" * 40, "rejected": "d"},     # overlong: truncated
+        {"prompt": "ab=", "chosen": "cd", "rejected": "ce"}]        # held out (last 10%)
+    cfg = stage_data_cfg("rm", path=write_rows(tmp_path / "p.jsonl", rows), max_tokens=16)
+    data = load_supervised("rm", cfg, "", tokenizer, 0)
+    assert data.counts == {"empty_response": 1, "identical_pair": 1, "overlong_truncated": 1,
+                           "overlong_dropped": 0}
+    assert len(data.train) == 7 and len(data.eval) == 1
+    assert max(len(e[0]) + len(e[1]) for e in data.train) == 16
+    assert "1 empty response, 1 identical pair, 1 overlong truncated" in data.describe()
+
+    cfg = stage_data_cfg("rm", path=cfg.path, max_tokens=16, overlong="drop")
+    assert load_supervised("rm", cfg, "", tokenizer, 0).counts["overlong_dropped"] == 1
+
+    missing = write_rows(tmp_path / "m.jsonl", rows[:3] + [{"prompt": "ab=", "chosen": "cd"}])
+    with pytest.raises(DataError, match=r"m.jsonl, row 3: no string field 'rejected' \(set rm.data.rejected"):
+        load_supervised("rm", stage_data_cfg("rm", path=missing), "", tokenizer, 0)
+
+
+def test_sft_rows_with_custom_fields_and_an_eval_file(tmp_path, tokenizer):
+    train = write_rows(tmp_path / "t.jsonl", [{"q": "ab=", "a": "cd"}] * 4)
+    held = write_rows(tmp_path / "e.jsonl", [{"q": "xy=", "a": "za"}])
+    cfg = stage_data_cfg("sft", path=train, eval_path=held, prompt_field="q", response_field="a")
+    data = load_supervised("sft", cfg, "", tokenizer, 0)
+    assert len(data.train) == 4 and len(data.eval) == 1
+    prompt, response = data.eval[0]
+    assert tokenizer.decode(prompt) == "xy=" and response[-1] == tokenizer.eos_token_id
+    with pytest.raises(DataError, match="no usable training examples"):
+        load_supervised("sft", stage_data_cfg("sft", path=write_rows(tmp_path / "x.jsonl", [
+            {"prompt": "a", "response": " "}] * 3)), "", tokenizer, 0)
+
+
+def test_alphabet_task_data_rule_and_held_out_split(tokenizer):
+    assert alphabet_answer("xyz=") == "abcdefgh"
+    assert alphabet_exact(["cdef="] * 3, ["ghijklmn", "ghijklm", "ghijklmno"]) == [1.0, 0.0, 0.0]
+    rng = random.Random(0)
+    assert all(alphabet_corrupt("ghijklmn", rng) != "ghijklmn" for _ in range(200))
+    assert not set(alphabet_prompts(500, 0)) & set(alphabet_prompts(500, 1, held_out=True))
+    data = load_supervised("rm", stage_data_cfg("rm", synthetic_size=50), "alphabet", tokenizer, 0)
+    assert len(data.train) == 50 and len(data.eval) == 64
+    assert sum(data.counts.values()) == 0
