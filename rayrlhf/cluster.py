@@ -35,23 +35,32 @@ def actor_env(threads: int, gpus: float) -> dict[str, str]:
     return env
 
 
+def bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+
+
+def reserve(name: str, bundles: list[dict[str, float]], strategy: str):
+    """A ready placement group, or an error saying what could not be placed."""
+    placement = placement_group(bundles, strategy=strategy, name=f"rayrlhf-{name}")
+    try:
+        ray.get(placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(placement)
+        raise RayRLHFError(f"cannot place {name}: it needs bundles {bundles} and the cluster has "
+                           f"{ray.available_resources()} free") from None
+    return placement
+
+
 class RoleGroup:
-    """`count` actors of `cls`, one per bundle of {cpus, gpus}, packed on one placement group."""
+    """`count` actors of `cls`, actor i on bundle i of a placement group: the role's own, one
+    bundle of {cpus, gpus} per actor, or one it shares with colocated roles (`placement`)."""
 
     def __init__(self, name: str, cls: type, count: int, cpus: float, gpus: float, threads: int,
-                 args: Callable[[int], tuple] = lambda rank: (), strategy: str = "PACK"):
+                 args: Callable[[int], tuple] = lambda rank: (), strategy: str = "PACK", placement=None):
         self.name = name
-        bundle = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
-        self.placement = placement_group([dict(bundle) for _ in range(count)], strategy=strategy,
-                                         name=f"rayrlhf-{name}")
+        self.owns_placement = placement is None
+        self.placement = placement or reserve(f"role '{name}'", [bundle(cpus, gpus)] * count, strategy)
         self.actors: list[Any] = []
-        try:
-            ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            self.shutdown()
-            raise RayRLHFError(
-                f"cannot place role '{name}': it needs {count} x {bundle} and the cluster has "
-                f"{ray.available_resources()} free") from None
         self._remote_cls, self._args = ray.remote(cls), args
         self._options = {"num_cpus": cpus, "num_gpus": gpus,
                          "runtime_env": {"env_vars": actor_env(threads, gpus)}}
@@ -90,4 +99,5 @@ class RoleGroup:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-        remove_placement_group(self.placement)
+        if self.owns_placement:
+            remove_placement_group(self.placement)

@@ -24,8 +24,11 @@ class ModelConfig:
     path: str = MISSING
     # Tokenizer HF id or path; empty means the model's own.
     tokenizer: str = ""
-    # Build a tiny random Llama at `path` when none is there (the built-in default and tests).
+    # Build a tiny random Llama at `path` when none is there (the built-in default, tests and the
+    # CPU benchmark profile), of this width and depth.
     build_tiny: bool = False
+    tiny_hidden_size: int = 128
+    tiny_layers: int = 2
     dtype: str = "float32"
 
 
@@ -281,6 +284,10 @@ class RayConfig:
     log_to_driver: bool = False
     # How each role's bundles are placed: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.
     placement_strategy: str = "PACK"
+    # Groups of roles that share placement bundles, e.g. [[actor, reference, reward]]: bundle i
+    # holds actor i of each role in the group and their cpus/gpus added up (0.5 GPU each puts two
+    # roles on one GPU). Roles: rollout, reference, reward, actor, critic.
+    colocate: list[list[str]] = field(default_factory=list)
     # Any remote call (generation, scoring, a training phase) taking longer is an error, not a hang.
     call_timeout_s: float = 3600.0
 
@@ -293,6 +300,20 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "rayrlhf"
     wandb_mode: str = "offline"
+
+
+@dataclass
+class BenchConfig:
+    # Iterations per measured run; the first `warmup_steps` are left out of every figure.
+    steps: int = 5
+    warmup_steps: int = 2
+    # Extra runs beside the configured one: other prompts per step, other response lengths.
+    sweep_prompts: list[int] = field(default_factory=list)
+    sweep_max_new_tokens: list[int] = field(default_factory=list)
+    # Run Hugging Face TRL's GRPOTrainer on the configured point too (needs `pip install trl`).
+    trl: bool = True
+    # Peak FLOP/s of one training device (TFLOP/s) for model FLOPs utilisation; 0: unknown.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -317,9 +338,11 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: SupervisedStageConfig = field(default_factory=SupervisedStageConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 STAGES = ("sft", "rm", "ppo")
+PPO_ROLES = ("rollout", "reference", "reward", "actor", "critic")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -366,6 +389,10 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
         raise ConfigError("config key 'model.path' is required (an HF id or a local path)")
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            f"must be float32, bfloat16 or float16, got {cfg.model.dtype}")
+    hidden = cfg.model.tiny_hidden_size
+    _check(hidden >= 32 and hidden % 32 == 0, "model.tiny_hidden_size",
+           f"must be a positive multiple of 32 (heads of 32), got {hidden}")
+    _check(cfg.model.tiny_layers >= 1, "model.tiny_layers", f"must be >= 1, got {cfg.model.tiny_layers}")
     from rayrlhf.tasks import TASKS
 
     _check(cfg.data.task in ("", *TASKS), "data.task",
@@ -375,6 +402,10 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
     _check(cfg.ray.call_timeout_s > 0, "ray.call_timeout_s", "must be > 0")
     _one_of(cfg, "ray.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     _one_of(cfg, "logging.wandb_mode", ("offline", "online", "disabled"))
+    colocated = [role for members in cfg.ray.colocate for role in members]
+    for role in colocated:
+        _check(role in PPO_ROLES, "ray.colocate", f"names '{role}'; roles are {', '.join(PPO_ROLES)}")
+    _check(len(colocated) == len(set(colocated)), "ray.colocate", "names a role more than once")
     for role in ("actor", "critic", "sft", "rm"):
         _check_trainer_role(cfg, role)
     for name in cfg.pipeline.stages:
@@ -384,6 +415,12 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
     for name in cfg.pipeline.rerun:
         _check(name in cfg.pipeline.stages, "pipeline.rerun",
                f"names '{name}', which is not in pipeline.stages")
+    b = cfg.bench
+    _check(b.steps >= 1, "bench.steps", f"must be >= 1, got {b.steps}")
+    _check(b.warmup_steps >= 0, "bench.warmup_steps", f"must be >= 0, got {b.warmup_steps}")
+    _check(b.peak_tflops >= 0, "bench.peak_tflops", f"must be >= 0, got {b.peak_tflops}")
+    for key in ("sweep_prompts", "sweep_max_new_tokens"):
+        _check(all(v >= 1 for v in b[key]), f"bench.{key}", f"must hold values >= 1, got {list(b[key])}")
     if stage in ("sft", "rm"):
         _check_supervised(cfg, stage)
     elif stage == "ppo":

@@ -249,6 +249,7 @@ def step_metrics(step: int, batch: Batch, feedback: dict, learn: dict, sync_byte
     metrics = {"step": step, **feedback, **learn, **timer.metrics(),
                "response/length_mean": batch["response_lengths"].float().mean().item(),
                "response/truncated_frac": batch["truncated"].mean().item(),
+               "batch/tokens": batch["attention_mask"].sum().item(),
                "sync/bytes": sync_bytes}
     metrics["sync/gb_per_s"] = sync_bytes / 1e9 / max(metrics["time/weight_sync"], 1e-9)
     metrics["throughput/tokens_per_s"] = batch["mask"].sum().item() / metrics["time/step"]
@@ -274,7 +275,7 @@ def prepare_models(cfg: DictConfig):
     if cfg.eval.function:
         load_reward_function(cfg.eval.function)
     if cfg.model.build_tiny:
-        ensure_tiny_model(cfg.model.path, seed=cfg.seed)
+        ensure_tiny_model(cfg.model, cfg.seed)
     checks = {f"reward.models[{i}].path": spec.path for i, spec in enumerate(cfg.reward.models)}
     checks |= {"critic.model_path": cfg.critic.model_path, "model.tokenizer": cfg.model.tokenizer,
                "model.path": cfg.model.path}

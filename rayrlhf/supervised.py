@@ -33,7 +33,7 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
     stage_cfg, output_dir = cfg[stage], Path(cfg.output_dir)
     model_path = stage_cfg.model_path or cfg.model.path
     if cfg.model.build_tiny and model_path == cfg.model.path:
-        ensure_tiny_model(model_path, seed=cfg.seed)
+        ensure_tiny_model(cfg.model, cfg.seed)
     check_model_path(f"{stage}.model_path" if stage_cfg.model_path else "model.path", model_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
     data = load_supervised(stage, stage_cfg.data, cfg.data.task, tokenizer, cfg.seed)
@@ -121,7 +121,7 @@ def held_out_metrics(stage: str, group, batch, timeout_s: float) -> dict[str, fl
     """Held-out loss (SFT, per response token) or pairwise accuracy and loss (RM), over all ranks."""
     parts = wait(group.scatter("evaluate", [(b,) for b in batch.chunks(len(group.actors))]),
                  f"{stage} evaluation", timeout_s)
-    sums = {k: sum(p.get(k, 0.0) for p in parts) for k in parts[0]}
+    sums = {k: sum(p.get(k, 0.0) for p in parts) for k in set().union(*parts)}
     if stage == "sft":
         return {"eval/loss": sums["nll"] / max(sums["tokens"], 1)}
     return {"eval/accuracy": sums["correct"] / sums["pairs"], "eval/loss": sums["loss"] / sums["pairs"]}

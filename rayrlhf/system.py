@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import ray
 import torch
+from ray.util.placement_group import remove_placement_group
 from tqdm import tqdm
 
 from rayrlhf.algorithms import response_mask
 from rayrlhf.batch import Batch, build_batch
-from rayrlhf.cluster import RoleGroup
+from rayrlhf.cluster import RoleGroup, bundle, reserve
 from rayrlhf.data import Prompt
 from rayrlhf.errors import RayRLHFError
 from rayrlhf.metrics import process_memory
@@ -37,6 +38,17 @@ def roles_needed(cfg) -> set[str]:
     if cfg.algorithm.estimator == "gae":
         roles.add("critic")
     return roles
+
+
+def role_sizes(cfg) -> dict[str, tuple[int, float, float]]:
+    """(actors, cpus and gpus per actor) of every role the run starts."""
+    r, ref, rw = cfg.rollout, cfg.reference, cfg.reward
+    sizes = {"rollout": (r.num_engines, r.cpus_per_engine, r.gpus_per_engine),
+             "reference": (ref.num_workers, ref.cpus_per_worker, ref.gpus_per_worker),
+             "reward": (rw.num_workers, rw.cpus_per_worker, rw.gpus_per_worker),
+             **{role: (cfg[role].num_ranks, cfg[role].cpus_per_rank, cfg[role].gpus_per_rank)
+                for role in ("actor", "critic")}}
+    return {role: size for role, size in sizes.items() if role in roles_needed(cfg)}
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -78,12 +90,13 @@ def _actor_memory(actor) -> dict[str, float]:
     return process_memory()
 
 
-def trainer_group(role: str, role_cfg, model_path: str, train_batch_size: int, cfg, **setup_kwargs
-                  ) -> RoleGroup:
+def trainer_group(role: str, role_cfg, model_path: str, train_batch_size: int, cfg, placement=None,
+                  **setup_kwargs) -> RoleGroup:
     """`role_cfg.num_ranks` DeepSpeed ranks of `role`, rendezvoused and loaded from `model_path`."""
     ranks = role_cfg.num_ranks
     group = RoleGroup(role, TrainerWorker, ranks, role_cfg.cpus_per_rank, role_cfg.gpus_per_rank,
-                      cfg.ray.threads_per_actor, lambda rank: (role, rank, ranks), cfg.ray.placement_strategy)
+                      cfg.ray.threads_per_actor, lambda rank: (role, rank, ranks), cfg.ray.placement_strategy,
+                      placement)
     timeout_s = cfg.ray.call_timeout_s
     try:
         master_addr, master_port = wait(group.actors[0].address.remote(), f"{role} rendezvous", timeout_s)
@@ -102,9 +115,13 @@ class RLHFSystem:
         self.pad_token_id = pad_token_id
         self.groups: list[RoleGroup] = []
         self.engine_restarts = 0
+        # Colocated roles: actor i of each sits on bundle i of one placement group they share.
+        self.shared: dict[str, object] = {}
+        self.shared_placements = []
         max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
         critic_path = cfg.critic.model_path or model_path
         try:
+            self._reserve_colocated()
             r = cfg.rollout
             self.rollout = self._group("rollout", RolloutWorker, r.num_engines, r.cpus_per_engine,
                                        r.gpus_per_engine, lambda i: (
@@ -132,10 +149,25 @@ class RLHFSystem:
             self.shutdown()
             raise
 
+    def _reserve_colocated(self) -> None:
+        sizes = role_sizes(self.cfg)
+        for members in self.cfg.ray.colocate:
+            present = [role for role in members if role in sizes]
+            if len(present) < 2:
+                continue
+            count = max(sizes[role][0] for role in present)
+            bundles = [bundle(sum(sizes[role][1] for role in present if sizes[role][0] > i),
+                              sum(sizes[role][2] for role in present if sizes[role][0] > i))
+                       for i in range(count)]
+            placement = reserve(f"colocated roles {'+'.join(present)}", bundles,
+                                self.cfg.ray.placement_strategy)
+            self.shared_placements.append(placement)
+            self.shared |= dict.fromkeys(present, placement)
+
     def _group(self, name, cls, count, cpus, gpus, args) -> RoleGroup:
         ray_cfg = self.cfg.ray
         group = RoleGroup(name, cls, count, cpus, gpus, ray_cfg.threads_per_actor, args,
-                          ray_cfg.placement_strategy)
+                          ray_cfg.placement_strategy, self.shared.get(name))
         self.groups.append(group)
         return group
 
@@ -147,14 +179,18 @@ class RLHFSystem:
 
     def placement(self) -> str:
         """Where each role runs, for the start-up log."""
-        return "; ".join(f"{g.name} x{len(g.actors)} on {', '.join(sorted(set(g.nodes())))}"
+        def shares(group: RoleGroup) -> str:
+            others = [g.name for g in self.groups if g is not group and g.placement is group.placement]
+            return f" (bundles shared with {', '.join(others)})" if others else ""
+
+        return "; ".join(f"{g.name} x{len(g.actors)} on {', '.join(sorted(set(g.nodes())))}{shares(g)}"
                          for g in self.groups)
 
     def _trainer_group(self, role: str, model_path: str) -> RoleGroup:
         cfg = self.cfg
         group = trainer_group(role, cfg[role], model_path, cfg.algorithm.train_batch_size, cfg,
-                              algo_cfg=cfg.algorithm, temperature=cfg.rollout.temperature,
-                              norm_len=cfg.rollout.max_new_tokens)
+                              self.shared.get(role), algo_cfg=cfg.algorithm,
+                              temperature=cfg.rollout.temperature, norm_len=cfg.rollout.max_new_tokens)
         self.groups.append(group)
         return group
 
@@ -311,3 +347,6 @@ class RLHFSystem:
         for group in reversed(self.groups):
             group.shutdown()
         self.groups = []
+        for placement in self.shared_placements:
+            remove_placement_group(placement)
+        self.shared_placements = []

@@ -61,10 +61,12 @@ def build_tiny_model(path: str | Path, kind: str = "causal_lm", hidden_size: int
     return path
 
 
-def ensure_tiny_model(path: str | Path, **kwargs) -> Path:
-    """Build the tiny model at `path` unless an earlier run already did."""
-    path = Path(path)
+def ensure_tiny_model(model_cfg, seed: int) -> Path:
+    """Build model.path as a tiny model of model.tiny_hidden_size x model.tiny_layers (heads of
+    32) unless an earlier run already did."""
+    path = Path(model_cfg.path)
     if not (path / MARKER).exists():
         print(f"building a tiny random model at {path}")
-        build_tiny_model(path, **kwargs)
+        build_tiny_model(path, hidden_size=model_cfg.tiny_hidden_size, num_layers=model_cfg.tiny_layers,
+                         num_heads=model_cfg.tiny_hidden_size // 32, seed=seed)
     return path

@@ -3,6 +3,7 @@ actors, weight sync, and the saved checkpoint. Tiny models, a few iterations eac
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -66,10 +67,14 @@ def test_zero2_two_ranks_two_engines_reward_model(tmp_path, ray_cluster, tiny_po
     cfg = small_config(tmp_path, tiny_policy, "reward.function=", f"data.path={prompt_file}",
                        f"reward.models=[{{path: {tiny_reward_model}}}]",
                        "actor.num_ranks=2", "critic.num_ranks=2", "actor.zero_stage=2",
-                       "critic.zero_stage=2", "rollout.num_engines=2", "reward.num_workers=2")
+                       "critic.zero_stage=2", "rollout.num_engines=2", "reward.num_workers=2",
+                       "ray.colocate=[[actor,reference,reward],[critic,rollout]]")
     history = train(cfg)
     lines = check_run(cfg, history, tiny_policy)
-    assert "placed: rollout x2 on " in capsys.readouterr().out
+    placed = capsys.readouterr().out
+    assert "rollout x2 on " in placed and "actor x2 on " in placed
+    assert re.search(r"reference x1 on [\d.]+ \(bundles shared with reward, actor\)", placed), placed
+    assert re.search(r"critic x2 on [\d.]+ \(bundles shared with rollout\)", placed), placed
     # A reward model's scores are continuous, unlike the rule's multiples of 1/8.
     assert lines[0]["reward/std"] > 0
     assert wait_for_resources_released(ray_cluster)

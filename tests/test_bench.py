@@ -1,0 +1,47 @@
+"""`rayrlhf bench`: the per-stage report of a real short run, and the growth wording."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from rayrlhf.bench import growth, run_bench
+from rayrlhf.config import load_config
+
+
+def point(prompts, length, samples, tokens, seconds):
+    return {"prompts_per_step": prompts, "max_new_tokens": length, "samples_per_step": samples,
+            "response_tokens_per_step": tokens, "seconds/step": seconds}
+
+
+def test_growth_is_stated_in_words():
+    words = growth([point(8, 16, 32, 512, 2.0), point(16, 16, 64, 1024, 4.1), point(8, 32, 32, 1024, 7.0)])
+    assert words["prompts_per_step"].startswith("step time grows about linear with samples per step: x2.0")
+    assert "worse than linear with response tokens per step" in words["max_new_tokens"]
+    assert growth([point(8, 16, 32, 512, 2.0)]) == {}
+
+
+@pytest.mark.integration
+def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_policy):
+    cfg = load_config("conf/bench_cpu.yaml", [
+        f"model.path={tiny_policy}", "model.build_tiny=false", f"output_dir={tmp_path}",
+        "bench.steps=2", "bench.warmup_steps=1", "bench.sweep_prompts=[]", "bench.sweep_max_new_tokens=[]"])
+    report = run_bench(cfg)
+    base = report["points"][0]
+    stages = ("generate", "experience", "train", "weight_sync", "other")
+    assert abs(sum(base[f"seconds/{s}"] for s in stages) - base["seconds/step"]) < 1e-6
+    assert all(base[f"seconds/{s}"] > 0 for s in stages[:-1])
+    assert base["samples_per_step"] == 32 and base["samples_per_s"] == pytest.approx(32 / base["seconds/step"])
+    assert 0 <= report["unattributed_frac"] < 0.2
+    assert report["weight_sync"]["bytes"] > 0 and report["weight_sync"]["times_memcpy"] > 1
+    assert base["train/mfu"] is None and base["train/tflops_per_s"] > 0  # no peak figure on CPU
+    # TRL is optional: either it ran on the same point, or the report says why not.
+    if report["trl/samples_per_s"] is None:
+        assert "pip install trl" in report["trl/error"] and report["ratio_vs_trl"] is None
+    else:
+        ours_over_trl = base["samples_per_s"] / report["trl/samples_per_s"]
+        assert report["ratio_vs_trl"] == pytest.approx(ours_over_trl)
+    assert json.loads((tmp_path / "bench.json").read_text())["points"][0]["point"] == "base"
+    assert [r["point"] for r in csv.DictReader((tmp_path / "bench.csv").open())] == ["base"]
+    assert Path(tmp_path / "bench.png").stat().st_size > 10_000
