@@ -23,7 +23,8 @@ def start_ray(ray_cfg) -> bool:
     if ray_cfg.address:
         ray.init(address=ray_cfg.address, **common)
         return False
-    ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=False, **common)
+    ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.dashboard, dashboard_host="127.0.0.1",
+             **common)
     return True
 
 

@@ -245,6 +245,11 @@ class TrainerConfig:
     # steps under output_dir/checkpoints, keeping the last `keep_checkpoints`; 0 is off.
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    # Asynchronous mode: the engines generate the next batches while the trainers train, up to
+    # `max_staleness` weight updates behind (so off-policy by that much; algorithm.tis_cap
+    # corrects for it). false: generate, then train, on-policy.
+    async_rollout: bool = False
+    max_staleness: int = 1
 
 
 @dataclass
@@ -278,6 +283,9 @@ class RayConfig:
     address: str = ""
     # Logical CPUs for a local cluster; more than the cores is fine (actors mostly wait).
     num_cpus: int = 8
+    # Start the Ray dashboard with a local cluster, bound to 127.0.0.1 (port 8265) only; reach it
+    # from elsewhere through an SSH tunnel, never by binding it to a public interface.
+    dashboard: bool = False
     # Torch intra-op threads per actor.
     threads_per_actor: int = 1
     # Stream the actors' own logs (vLLM, DeepSpeed) to the console; they are always in Ray's log dir.
@@ -531,6 +539,14 @@ def _check_ppo(cfg: DictConfig) -> None:
                f"x {role}.num_ranks ({micro} x {ranks}) must divide algorithm.train_batch_size ({mini})")
     _check(cfg.rollout.num_engines <= cfg.trainer.prompts_per_step, "rollout.num_engines",
            "must not exceed trainer.prompts_per_step")
+    if cfg.trainer.async_rollout:
+        _check(cfg.trainer.max_staleness >= 1, "trainer.max_staleness",
+               f"must be >= 1 with trainer.async_rollout, got {cfg.trainer.max_staleness}")
+        _check(cfg.algorithm.tis_cap is not None, "algorithm.tis_cap",
+               "must be set with trainer.async_rollout (the importance-ratio correction of stale samples; "
+               "e.g. 2.0)")
+        _check(cfg.algorithm.estimator != "remax", "trainer.async_rollout",
+               "does not go with algorithm.estimator=remax (its greedy baseline needs the sampling weights)")
 
 
 def _one_of(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:

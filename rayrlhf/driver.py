@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections import deque
 from pathlib import Path
 
 import ray
@@ -55,12 +56,13 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
                          config=OmegaConf.to_container(cfg, resolve=True))
         if evaluator and cfg.eval.before_training and first_step == 1:
             log.log({"step": 0, **evaluator(system, 0)}, advance=False)
+        ahead = cfg.trainer.max_staleness if cfg.trainer.async_rollout else 0
+        rollouts = RolloutQueue(system, sampler, ahead, cfg.trainer.total_steps)
         for step in range(first_step, cfg.trainer.total_steps + 1):
             timer = StageTimer()
-            batch_prompts = sampler.next_batch()
             with timer("generate"):
-                rollout = system.generate(batch_prompts, step)
-                greedy = system.generate(batch_prompts, step, greedy=True) if algo.estimator == "remax" \
+                rollout, staleness = rollouts.next(step)
+                greedy = system.generate(rollout.source, step, greedy=True) if algo.estimator == "remax" \
                     else None
             with timer("experience"):
                 feedback = apply_rewards(rollout, system.rewards(rollout), cfg.reward)
@@ -76,13 +78,15 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
                 kl_ctl.update(feedback["kl/mean"], len(rollout.batch))
             with timer("weight_sync"):
                 sync_bytes = system.sync_weights()
+                rollouts.version += 1
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 save_policy(system, tokenizer, output_dir / f"policy_step{step}")
             if evaluator and (step % cfg.eval.every == 0 or step == cfg.trainer.total_steps):
                 with timer("eval"):
                     feedback |= evaluator(system, step)
 
-            metrics = step_metrics(step, rollout.batch, feedback, learn, sync_bytes, timer, cfg.weight_sync)
+            metrics = step_metrics(step, rollout.batch, feedback, learn, sync_bytes, timer, cfg.weight_sync,
+                                   staleness)
             metrics |= system.memory()
             log.log(metrics)
             history.append(metrics)
@@ -106,6 +110,27 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
         if started_ray:
             ray.shutdown()
     return history
+
+
+class RolloutQueue:
+    """The batches to train on, in order. On-policy (`ahead` 0), batch k is generated when step k
+    asks for it. Asynchronous, batches k+1..k+ahead are already being generated while step k
+    trains; each remembers the weight version (syncs so far) that was on the engines when it was
+    sent, so its staleness at training time is known and bounded by `ahead`."""
+
+    def __init__(self, system: RLHFSystem, sampler: PromptSampler, ahead: int, last_step: int):
+        self.system, self.sampler, self.ahead, self.last_step = system, sampler, ahead, last_step
+        self.pending: deque = deque()  # (step, PendingGeneration, version)
+        self.version = 0
+
+    def next(self, step: int) -> tuple[Rollout, int]:
+        """Batch `step` and its staleness (weight updates between its sampling and now)."""
+        sent = self.pending[-1][0] if self.pending else step - 1
+        for later in range(sent + 1, min(step + self.ahead, self.last_step) + 1):
+            generation = self.system.start_generation(self.sampler.next_batch(), later)
+            self.pending.append((later, generation, self.version))
+        _, generation, version = self.pending.popleft()
+        return self.system.finish_generation(generation), self.version - version
 
 
 def actor_died(err: ray.exceptions.RayActorError, system: RLHFSystem | None, output_dir: Path
@@ -245,7 +270,7 @@ class Evaluator:
 
 
 def step_metrics(step: int, batch: Batch, feedback: dict, learn: dict, sync_bytes: int,
-                 timer: StageTimer, sync_cfg) -> dict[str, float]:
+                 timer: StageTimer, sync_cfg, staleness: int) -> dict[str, float]:
     metrics = {"step": step, **feedback, **learn, **timer.metrics(),
                "response/length_mean": batch["response_lengths"].float().mean().item(),
                "response/truncated_frac": batch["truncated"].mean().item(),
@@ -253,7 +278,9 @@ def step_metrics(step: int, batch: Batch, feedback: dict, learn: dict, sync_byte
                "sync/bytes": sync_bytes}
     metrics["sync/gb_per_s"] = sync_bytes / 1e9 / max(metrics["time/weight_sync"], 1e-9)
     metrics["throughput/tokens_per_s"] = batch["mask"].sum().item() / metrics["time/step"]
-    if sync_cfg.check_every and step % sync_cfg.check_every == 0:
+    metrics["rollout/staleness"] = staleness
+    # Only an on-policy batch should match the trainer: a stale one was sampled by older weights.
+    if sync_cfg.check_every and step % sync_cfg.check_every == 0 and staleness == 0:
         metrics.update(logprob_gap(batch, sync_cfg.warn_gap, step))
     return metrics
 

@@ -53,13 +53,12 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, root / "config.yaml", resolve=True)
+    done = {stage for stage in configs if (root / stage / "summary.json").exists()}
+    to_run = stages_to_run(list(configs), done, list(cfg.pipeline.rerun))
     started_ray = start_ray(cfg.ray)  # one cluster for every stage
     try:
-        must_run = False
         for stage, stage_cfg in configs.items():
-            done = (root / stage / "summary.json").exists()
-            must_run = must_run or not done or stage in cfg.pipeline.rerun
-            if not must_run:
+            if stage not in to_run:
                 print(f"== {stage}: done already ({root / stage}); skipped (pipeline.rerun=[{stage}] "
                       "runs it again)", flush=True)
                 continue
@@ -76,6 +75,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, float]:
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(root, list(configs), root / "curves.png")
     return summary
+
+
+def stages_to_run(stages: list[str], done: set[str], rerun: list[str]) -> list[str]:
+    """From the first stage that is not done or is to rerun, every stage (each reads the one
+    before it)."""
+    first = next((i for i, stage in enumerate(stages) if stage not in done or stage in rerun), len(stages))
+    return stages[first:]
 
 
 def read_metrics(path: Path) -> list[dict]:

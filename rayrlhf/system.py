@@ -28,6 +28,16 @@ class Rollout:
     responses: list[str]
     # The prompts' dataset columns, one list per column, one entry per sample.
     fields: dict[str, list]
+    # The prompts it was generated from, one entry per prompt.
+    source: list[Prompt]
+
+
+@dataclass
+class PendingGeneration:
+    prompts: list[Prompt]
+    shards: list[tuple]
+    greedy: bool
+    refs: list | None = None
 
 
 def roles_needed(cfg) -> set[str]:
@@ -210,15 +220,34 @@ class RLHFSystem:
     # Sample
 
     def generate(self, prompts: list[Prompt], step: int, greedy: bool = False) -> Rollout:
-        """Every prompt's `rollout.n` samples (one if greedy), as one batch in the shared layout.
+        """Every prompt's `rollout.n` samples (one if greedy), as one batch in the shared layout."""
+        return self.finish_generation(self.start_generation(prompts, step, greedy))
+
+    def start_generation(self, prompts: list[Prompt], step: int, greedy: bool = False) -> PendingGeneration:
+        """Sends the prompts to the engines and returns at once (the engines run their calls in
+        order, so a weight sync sent later waits for this generation).
 
         Sampling is seeded per prompt from (run seed, step, position), so it is reproducible."""
         seeds = [(self.cfg.seed * 1_000_003 + step * 10_007 + i) % 2**31 for i in range(len(prompts))]
         n = len(self.rollout.actors)
         shards = list(zip(split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n),
                           strict=True))
-        parts = self._with_engines(lambda: self._wait(self.rollout.scatter("generate", shards, greedy=greedy),
-                                                      "generation"))
+        pending = PendingGeneration(prompts, shards, greedy)
+        pending.refs = self.rollout.scatter("generate", shards, greedy=greedy)
+        return pending
+
+    def finish_generation(self, pending: PendingGeneration) -> Rollout:
+        def collect():
+            if pending.refs is None:  # lost with an engine: send again
+                pending.refs = self.rollout.scatter("generate", pending.shards, greedy=pending.greedy)
+            try:
+                return self._wait(pending.refs, "generation")
+            except BaseException:
+                pending.refs = None
+                raise
+
+        parts = self._with_engines(collect)
+        prompts = pending.prompts
         per_prompt = [s for part in parts for s in part]
         flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True)
                 for sample in samples]
@@ -230,7 +259,7 @@ class RLHFSystem:
         batch["truncated"] = torch.tensor([not s.finished for _, s in flat], dtype=torch.float32)
         field_names = flat[0][0].fields.keys()
         return Rollout(batch, [p.text for p, _ in flat], [s.text for _, s in flat],
-                       {k: [p.fields.get(k) for p, _ in flat] for k in field_names})
+                       {k: [p.fields.get(k) for p, _ in flat] for k in field_names}, prompts)
 
     # Feedback
 

@@ -59,12 +59,17 @@ def test_grpo_with_a_user_reward_file_dataset_fields_and_eval(tmp_path, ray_clus
     assert history[-1]["sync/logprob_gap_mean"] < 1e-3
 
 
-def test_rloo_without_kl_starts_no_reference(tmp_path, ray_cluster, tiny_policy, task):
+def test_rloo_without_kl_and_with_async_rollouts(tmp_path, ray_cluster, tiny_policy, task):
+    """RLOO starts no reference. Asynchronously, batches 2 and 3 go to the engines before step 1
+    trains; each step trains on samples from weights at most max_staleness updates old."""
     data, rewards = task
     history = run(tmp_path, tiny_policy, "algorithm.estimator=rloo", "rollout.n=2", "algorithm.kl_coef=0",
-                  f"data.path={data}", f"reward.function={rewards}:first_letter")
+                  f"data.path={data}", f"reward.function={rewards}:first_letter", "trainer.total_steps=4",
+                  "trainer.async_rollout=true", "trainer.max_staleness=2", "algorithm.tis_cap=2.0")
     assert "kl/mean" not in history[-1] and "loss/value" not in history[-1]
     assert finite(history, "loss/policy", "reward/mean")
+    assert [m["rollout/staleness"] for m in history] == [0, 1, 2, 2]
+    assert "sync/logprob_gap_mean" in history[0] and "sync/logprob_gap_mean" not in history[1]
 
 
 def test_reinforce_pp_with_kl_loss_and_every_loss_option(tmp_path, ray_cluster, tiny_policy, task):

@@ -142,3 +142,4 @@ def test_a_hanging_call_becomes_an_error_and_frees_the_actors(tmp_path, ray_clus
     with pytest.raises(RayRLHFError, match=r"did not finish within 0 s \(ray.call_timeout_s"):
         train(cfg)
     assert wait_for_resources_released(ray_cluster)
+

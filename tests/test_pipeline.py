@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rayrlhf.config import load_config
-from rayrlhf.pipeline import run_pipeline
+from rayrlhf.pipeline import run_pipeline, stages_to_run
 
 pytestmark = pytest.mark.integration
 
@@ -54,16 +54,20 @@ def test_pipeline_runs_every_stage_then_skips_finished_ones(tmp_path, ray_cluste
     ppo_rows = rows(out / "ppo" / "metrics.jsonl")
     assert [r["step"] for r in ppo_rows] == [0, 1, 2, 3] and "reward/mean" not in ppo_rows[0]
 
-    # A second run finds every stage done and reruns only what it is asked to (and what follows).
+    # A second run finds every stage done and skips them all.
     stamps = {s: (out / s / "metrics.jsonl").stat().st_mtime_ns for s in ("sft", "rm", "ppo")}
     capsys.readouterr()
     assert run_pipeline(cfg) == summary
     assert {s: (out / s / "metrics.jsonl").stat().st_mtime_ns for s in stamps} == stamps
     assert capsys.readouterr().out.count("skipped") == 3
-    cfg.pipeline.stages, cfg.pipeline.rerun = ["sft", "rm"], ["sft"]
-    run_pipeline(cfg)
-    assert all((out / s / "metrics.jsonl").stat().st_mtime_ns != stamps[s] for s in ("sft", "rm"))
-    assert (out / "ppo" / "metrics.jsonl").stat().st_mtime_ns == stamps["ppo"]
+
+
+def test_a_rerun_carries_on_to_the_later_stages():
+    stages = ["sft", "rm", "ppo"]
+    assert stages_to_run(stages, set(stages), []) == []
+    assert stages_to_run(stages, set(stages), ["rm"]) == ["rm", "ppo"]
+    assert stages_to_run(stages, {"sft", "ppo"}, []) == ["rm", "ppo"]  # rm was deleted
+    assert stages_to_run(stages, set(), []) == stages
 
 
 def test_lora_on_every_trainer_changes_only_the_adapted_weights(tmp_path, ray_cluster, tiny_policy):

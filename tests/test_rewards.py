@@ -93,7 +93,7 @@ def rollout_with(scores):
     batch = batch_of(tokenizer)
     batch["mask"] = torch.ones(3, 4)
     batch["truncated"] = torch.zeros(3)
-    return Rollout(batch, PROMPTS, RESPONSES, {}), {"scores": torch.tensor(scores),
+    return Rollout(batch, PROMPTS, RESPONSES, {}, []), {"scores": torch.tensor(scores),
                                                      "reasons": {1: "reward function 'f' gave nan"},
                                                      "metrics": {}}
 
