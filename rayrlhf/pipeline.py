@@ -128,14 +128,22 @@ def plot_curves(root: Path, stages: list[str], path: Path) -> None:
               "ppo": [("reward/mean", "reward (RM score)"), ("eval/rule_score", "held-out task accuracy")]}
     for ax, stage in zip(axes[0], stages, strict=True):
         rows = read_metrics(root / stage / "metrics.jsonl")
-        for key, label in series[stage]:
+        # The training curve on the left axis; the held-out one on the right, on its own scale,
+        # unless both are the same quantity (the SFT losses).
+        right = ax if stage == "sft" else ax.twinx()
+        colors = ("tab:blue", "tab:orange")
+        for axis, color, (key, label) in zip((ax, right), colors, series[stage], strict=True):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, label=label)
+                axis.plot(*zip(*points, strict=True), color=color, marker="o" if len(points) < 30 else None,
+                          label=label)
+            axis.set_ylabel(label, color=color)
+        if right is ax:
+            ax.set_ylabel("loss per response token", color="black")
+            ax.legend(fontsize=8)
         ax.set_title(stage.upper())
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
