@@ -87,7 +87,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
 
             metrics = step_metrics(step, rollout.batch, feedback, learn, sync_bytes, timer, cfg.weight_sync,
                                    staleness)
-            metrics |= system.memory()
+            metrics |= system.memory() | system.take_role_seconds()
             log.log(metrics)
             history.append(metrics)
             every = cfg.trainer.checkpoint_every

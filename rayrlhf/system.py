@@ -70,10 +70,10 @@ def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     return torch.tensor([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
 
 
-def wait(refs, what: str, timeout_s: float):
+def wait(refs, what: str, timeout_s: float, on_ready=None):
     """ray.get with a deadline, failing fast: a role that hangs becomes an error naming the stage,
     and the first call that fails (its actor died, say) raises at once instead of after the
-    others, which may be waiting on it in a collective."""
+    others, which may be waiting on it in a collective. `on_ready(ref)` hears of each result."""
     pending = list(refs) if isinstance(refs, list) else [refs]
     deadline = time.monotonic() + timeout_s
     while pending:
@@ -82,6 +82,8 @@ def wait(refs, what: str, timeout_s: float):
             raise RayRLHFError(f"{what} did not finish within {timeout_s:.0f} s (ray.call_timeout_s or "
                                "weight_sync.timeout_s); the actors' logs are in Ray's log directory")
         ray.get(ready)
+        if on_ready is not None:
+            on_ready(ready[0])
     return ray.get(refs)
 
 
@@ -125,6 +127,7 @@ class RLHFSystem:
         self.pad_token_id = pad_token_id
         self.groups: list[RoleGroup] = []
         self.engine_restarts = 0
+        self.role_seconds: dict[str, float] = {}
         # Colocated roles: actor i of each sits on bundle i of one placement group they share.
         self.shared: dict[str, object] = {}
         self.shared_placements = []
@@ -184,6 +187,26 @@ class RLHFSystem:
     def _wait(self, refs, what: str, timeout_s: float | None = None):
         return wait(refs, what, timeout_s or self.cfg.ray.call_timeout_s)
 
+    def _wait_roles(self, calls: dict[str, list], what: str) -> dict[str, list]:
+        """The results of calls sent to several roles at once; adds to role_seconds[name] the time
+        from now until the last of that role's calls finished."""
+        start, owner = time.perf_counter(), {ref: name for name, refs in calls.items() for ref in refs}
+        left = {name: len(refs) for name, refs in calls.items()}
+
+        def finished(ref) -> None:
+            left[owner[ref]] -= 1
+            if not left[owner[ref]]:
+                self.role_seconds[owner[ref]] = self.role_seconds.get(owner[ref], 0.0) + \
+                    time.perf_counter() - start
+
+        wait(list(owner), what, self.cfg.ray.call_timeout_s, on_ready=finished)
+        return {name: ray.get(refs) for name, refs in calls.items()}
+
+    def take_role_seconds(self) -> dict[str, float]:
+        """time/role/<role>_<call> since the last call: how long each role's work took."""
+        seconds, self.role_seconds = self.role_seconds, {}
+        return {f"time/role/{name}": value for name, value in seconds.items()}
+
     def memory(self) -> dict[str, float]:
         return role_memory(self.groups, self.cfg.ray.call_timeout_s)
 
@@ -241,7 +264,7 @@ class RLHFSystem:
             if pending.refs is None:  # lost with an engine: send again
                 pending.refs = self.rollout.scatter("generate", pending.shards, greedy=pending.greedy)
             try:
-                return self._wait(pending.refs, "generation")
+                return self._wait_roles({"rollout_generate": pending.refs}, "generation")["rollout_generate"]
             except BaseException:
                 pending.refs = None
                 raise
@@ -266,11 +289,11 @@ class RLHFSystem:
     def rewards(self, rollout: Rollout) -> dict:
         """The reward workers' output for every sample: scores, reasons for unusable ones, metrics."""
         shards = split_evenly(list(range(len(rollout.prompts))), len(self.reward.actors))
-        parts = self._wait(self.reward.scatter("scores", [
+        parts = self._wait_roles({"reward_scores": self.reward.scatter("scores", [
             (batch, [rollout.prompts[i] for i in rows], [rollout.responses[i] for i in rows],
              {k: [v[i] for i in rows] for k, v in rollout.fields.items()})
-            for batch, rows in zip(rollout.batch.chunks(len(shards)), shards, strict=True)]),
-            "reward scoring")
+            for batch, rows in zip(rollout.batch.chunks(len(shards)), shards, strict=True)])},
+            "reward scoring")["reward_scores"]
         return {
             "scores": torch.cat([p["scores"] for p in parts]),
             "reasons": {rows[row]: why for rows, p in zip(shards, parts, strict=True)
@@ -283,24 +306,26 @@ class RLHFSystem:
         def shards(group: RoleGroup) -> list[tuple[Batch]]:
             return [(b,) for b in batch.chunks(len(group.actors))]
 
-        refs = {"old_logprobs": self.actor.scatter("infer", shards(self.actor))}
+        calls = {"actor_infer": self.actor.scatter("infer", shards(self.actor))}
         if self.reference is not None:
-            refs["ref_logprobs"] = self.reference.scatter("logprobs", shards(self.reference))
+            calls["reference_logprobs"] = self.reference.scatter("logprobs", shards(self.reference))
         if self.critic is not None:
-            refs["old_values"] = self.critic.scatter("infer", shards(self.critic))
-        for key, group_refs in refs.items():
-            batch[key] = torch.cat(self._wait(group_refs, key))
+            calls["critic_infer"] = self.critic.scatter("infer", shards(self.critic))
+        keys = {"actor_infer": "old_logprobs", "reference_logprobs": "ref_logprobs",
+                "critic_infer": "old_values"}
+        for call, parts in self._wait_roles(calls, "old log-probs, reference log-probs and values").items():
+            batch[keys[call]] = torch.cat(parts)
 
     # Learn
 
     def train(self, batch: Batch, seed: int, kl_coef: float) -> dict[str, float]:
         """Actor and critic train at once, each rank on its share; returns rank-averaged stats."""
         groups = [g for g in (self.actor, self.critic) if g is not None]
-        refs = [g.scatter("train", [(b, seed, kl_coef) for b in batch.chunks(len(g.actors))])
-                for g in groups]
+        calls = {f"{g.name}_train": g.scatter("train", [(b, seed, kl_coef)
+                                                        for b in batch.chunks(len(g.actors))])
+                 for g in groups}
         stats: dict[str, float] = {}
-        for group_refs in refs:
-            per_rank = self._wait(group_refs, "training")
+        for per_rank in self._wait_roles(calls, "training").values():
             for key in per_rank[0]:
                 stats[key] = sum(r[key] for r in per_rank) / len(per_rank)
         return stats

@@ -20,7 +20,10 @@ REQUIRED_METRICS = ["step", "reward/mean", "kl/mean", "loss/policy", "loss/value
                     "response/length_mean", "time/generate", "time/experience", "time/train",
                     "time/weight_sync", "time/step", "throughput/tokens_per_s",
                     *(f"memory/{role}_rss_gib"
-                      for role in ("rollout", "reference", "reward", "actor", "critic"))]
+                      for role in ("rollout", "reference", "reward", "actor", "critic")),
+                    *(f"time/role/{call}" for call in ("rollout_generate", "reward_scores", "actor_infer",
+                                                       "reference_logprobs", "critic_infer", "actor_train",
+                                                       "critic_train"))]
 
 
 def small_config(tmp_path, policy, *overrides):
