@@ -11,7 +11,6 @@ plain memory copy of the same bytes. Writes bench.json, bench.csv and bench.png 
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -66,8 +65,7 @@ def run_bench(cfg: DictConfig) -> dict:
 
 
 def point_config(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> DictConfig:
-    point = copy.deepcopy(cfg)
-    point = OmegaConf.merge(point, OmegaConf.from_dotlist([
+    point = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
         f"output_dir={output_dir}", f"trainer.total_steps={cfg.bench.warmup_steps + cfg.bench.steps}",
         "eval.every=0", "trainer.checkpoint_every=0", "logging.tensorboard=false", *overrides]))
     validate(point, "ppo")

@@ -114,15 +114,23 @@ class TrainerWorker:
         return infer_in_micro_batches(self._forward, self.module, batch, self.cfg.micro_batch_size,
                                       self.device)
 
+    def _sft_nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed negative log-likelihood of the response tokens, and their count."""
+        logits = sft_logits(self.module, batch)
+        return sft_nll(logits, batch["sequences"], batch["loss_mask"]).sum(), batch["loss_mask"][:, 1:].sum()
+
+    def _pair_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores [B, 2] of the preference pairs, the pairwise loss and the accuracy."""
+        scores = pair_scores(self.module, batch)
+        return scores, *pairwise_loss(scores[:, 0], scores[:, 1])
+
     def _loss(self, batch: Batch, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.role == "sft":
-            tokens = batch["loss_mask"][:, 1:].sum()
-            loss = sft_nll(sft_logits(self.module, batch), batch["sequences"], batch["loss_mask"]).sum() \
-                / tokens.clamp(min=1)
+            nll, tokens = self._sft_nll(batch)
+            loss = nll / tokens.clamp(min=1)
             return loss, {"loss/sft": loss.detach()}
         if self.role == "rm":
-            scores = pair_scores(self.module, batch)
-            loss, accuracy = pairwise_loss(scores[:, 0], scores[:, 1])
+            scores, loss, accuracy = self._pair_loss(batch)
             return loss, {"loss/rm": loss.detach(), "rm/accuracy": accuracy,
                           "rm/margin": (scores[:, 0] - scores[:, 1]).mean().detach()}
         if self.role == "critic":
@@ -190,12 +198,11 @@ class TrainerWorker:
         for micro in batch.minibatches(self.cfg.micro_batch_size):
             micro = to_device(micro, self.device)
             if self.role == "sft":
-                sums["nll"] += float(sft_nll(sft_logits(self.module, micro), micro["sequences"],
-                                             micro["loss_mask"]).sum())
-                sums["tokens"] += float(micro["loss_mask"][:, 1:].sum())
+                nll, tokens = self._sft_nll(micro)
+                sums["nll"] += float(nll)
+                sums["tokens"] += float(tokens)
             else:
-                scores = pair_scores(self.module, micro)
-                loss, accuracy = pairwise_loss(scores[:, 0], scores[:, 1])
+                _, loss, accuracy = self._pair_loss(micro)
                 sums["loss"] += float(loss) * len(micro)
                 sums["correct"] += float(accuracy) * len(micro)
                 sums["pairs"] += len(micro)
