@@ -17,9 +17,13 @@ def response_logprobs(logits: torch.Tensor, sequences: torch.Tensor, prompt_len:
     column P + j and is scored by the logits at column P + j - 1. Temperature divides the
     logits first, as the sampler did when it drew the tokens.
     """
-    response = sequences[:, prompt_len:]
-    scoring = logits[:, prompt_len - 1:-1].float() / temperature
-    picked = scoring.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits[:, prompt_len - 1:-1], sequences[:, prompt_len:], temperature)
+
+
+def token_logprobs(scoring: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[B, N] log-probs of `tokens` under the logits [B, N, V] that score them, after temperature."""
+    scoring = scoring.float() / temperature
+    picked = scoring.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scoring, dim=-1)
 
 

@@ -136,12 +136,22 @@ class TrainerRoleConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 16
+    # > 0: micro-batches of about this many real tokens instead of micro_batch_size rows, as
+    # many on every rank, balanced by tokens (at least the longest sample).
+    micro_batch_tokens: int = 0
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
-class CriticConfig(TrainerRoleConfig):
+class PPOTrainerConfig(TrainerRoleConfig):
+    # Pack samples end to end into rows as wide as the longest one (no padding computed between
+    # them; each attends only to itself).
+    packing: bool = False
+
+
+@dataclass
+class CriticConfig(PPOTrainerConfig):
     # Empty starts the critic from the policy model with a fresh value head.
     model_path: str = ""
 
@@ -232,6 +242,10 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     # Prompts x samples per optimizer step; must divide the rollout batch.
     train_batch_size: int = 64
+    # With one optimizer step per batch (ppo_epochs 1, train_batch_size = the batch) and no KL in
+    # the reward, pi_old is the policy being trained: its log-probs come from the training forward
+    # and the separate old-log-prob forward is skipped. true runs that forward anyway.
+    recompute_old_logprobs: bool = False
 
 
 @dataclass
@@ -270,6 +284,9 @@ class EvalConfig:
 @dataclass
 class WeightSyncConfig:
     bucket_mb: float = 64.0
+    # shared_memory: through a /dev/shm file (CPU, every engine on actor rank 0's node);
+    # collective: a gloo/NCCL broadcast group; auto: shared_memory where it can, else collective.
+    transport: str = "auto"
     # Compare engine and trainer log-probs of the sampled tokens every N steps (0: never).
     check_every: int = 1
     # A gap above this (mean absolute log-prob difference) is reported as a warning.
@@ -335,7 +352,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    actor: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
+    actor: PPOTrainerConfig = field(default_factory=PPOTrainerConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -351,6 +368,7 @@ class RunConfig:
 
 STAGES = ("sft", "rm", "ppo")
 PPO_ROLES = ("rollout", "reference", "reward", "actor", "critic")
+WEIGHT_TRANSPORTS = ("auto", "shared_memory", "collective")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -414,8 +432,11 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
     for role in colocated:
         _check(role in PPO_ROLES, "ray.colocate", f"names '{role}'; roles are {', '.join(PPO_ROLES)}")
     _check(len(colocated) == len(set(colocated)), "ray.colocate", "names a role more than once")
-    for role in ("actor", "critic", "sft", "rm"):
-        _check_trainer_role(cfg, role)
+    longest_sample = {"actor": cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                      "sft": cfg.sft.data.max_tokens, "rm": 2 * cfg.rm.data.max_tokens}  # rm: a pair
+    longest_sample["critic"] = longest_sample["actor"]
+    for role, longest in longest_sample.items():
+        _check_trainer_role(cfg, role, longest)
     for name in cfg.pipeline.stages:
         _check(name in STAGES, "pipeline.stages", f"must list stages among {', '.join(STAGES)}; got '{name}'")
     _check(list(cfg.pipeline.stages) == [s for s in STAGES if s in cfg.pipeline.stages], "pipeline.stages",
@@ -435,10 +456,13 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
         _check_ppo(cfg)
 
 
-def _check_trainer_role(cfg: DictConfig, role: str) -> None:
+def _check_trainer_role(cfg: DictConfig, role: str, longest_sample: int) -> None:
     r = cfg[role]
     for key in ("num_ranks", "micro_batch_size"):
         _check(r[key] >= 1, f"{role}.{key}", f"must be >= 1, got {r[key]}")
+    tokens = r.micro_batch_tokens
+    _check(tokens == 0 or tokens >= longest_sample, f"{role}.micro_batch_tokens",
+           f"must be 0 (off) or at least the longest sample ({longest_sample} tokens), got {tokens}")
     _check(r.cpus_per_rank > 0, f"{role}.cpus_per_rank", f"must be > 0, got {r.cpus_per_rank}")
     _check(r.gpus_per_rank >= 0, f"{role}.gpus_per_rank", f"must be >= 0, got {r.gpus_per_rank}")
     _check(r.zero_stage in (0, 1, 2, 3), f"{role}.zero_stage", f"must be 0, 1, 2 or 3, got {r.zero_stage}")
@@ -518,6 +542,9 @@ def _check_ppo(cfg: DictConfig) -> None:
            f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
     _check(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb", "must be > 0")
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
+    _one_of(cfg, "weight_sync.transport", WEIGHT_TRANSPORTS)
+    _check(cfg.weight_sync.transport != "shared_memory" or cfg.actor.gpus_per_rank == 0,
+           "weight_sync.transport", "shared_memory is for CPU trainers and engines (GPUs use collective)")
     _check_algorithm(cfg)
     _check_reward(cfg)
     _check(bool(cfg.data.path or cfg.data.task), "data.path",

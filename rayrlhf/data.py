@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rayrlhf.batch import Batch, build_batch
+from rayrlhf.batch import Batch, build_batch, first_fit
 from rayrlhf.errors import DataError
 from rayrlhf.tasks import TASKS, demonstrations, preference_pairs
 
@@ -225,18 +225,8 @@ def sft_batch(rows: list[list[Example]], pad_id: int) -> Batch:
 
 def pack(examples: list[Example], max_tokens: int) -> list[list[Example]]:
     """First-fit decreasing: examples grouped into rows of at most `max_tokens` tokens."""
-    rows: list[list] = []
-    room: list[int] = []
-    for example in sorted(examples, key=lambda e: -(len(e[0]) + len(e[1]))):
-        n = len(example[0]) + len(example[1])
-        slot = next((i for i, free in enumerate(room) if free >= n), None)
-        if slot is None:
-            rows.append([])
-            room.append(max_tokens)
-            slot = len(rows) - 1
-        rows[slot].append(example)
-        room[slot] -= n
-    return rows
+    groups = first_fit([len(prompt) + len(response) for prompt, response in examples], max_tokens)
+    return [[examples[i] for i in group] for group in groups]
 
 
 def preference_batch(examples: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> Batch:

@@ -49,7 +49,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
     stop = GracefulStop()
     try:
         system = RLHFSystem(cfg, tokenizer.pad_token_id)
-        print(f"placed: {system.placement()}", flush=True)
+        print(f"placed: {system.placement()}; weight sync by {system.weight_transport}", flush=True)
         kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
         first_step = 1 if resume_from is None else resume(system, resume_from, kl_ctl, sampler)
         log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step, logging_cfg=cfg.logging,
@@ -57,6 +57,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
         if evaluator and cfg.eval.before_training and first_step == 1:
             log.log({"step": 0, **evaluator(system, 0)}, advance=False)
         ahead = cfg.trainer.max_staleness if cfg.trainer.async_rollout else 0
+        separate_old_logprobs = needs_old_logprob_pass(cfg)
         rollouts = RolloutQueue(system, sampler, ahead, cfg.trainer.total_steps)
         for step in range(first_step, cfg.trainer.total_steps + 1):
             timer = StageTimer()
@@ -70,10 +71,11 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
                 if greedy is not None:
                     apply_rewards(greedy, system.rewards(greedy), cfg.reward)
                     baseline = greedy.batch["scores"]
-                system.model_outputs(rollout.batch)
+                system.model_outputs(rollout.batch, old_logprobs=separate_old_logprobs)
                 feedback |= add_advantages(rollout.batch, algo, kl_ctl.coef, cfg.rollout.n, baseline)
             with timer("train"):
                 learn = system.train(rollout.batch, seed=cfg.seed + step, kl_coef=kl_ctl.coef)
+            feedback |= kl_metrics(rollout.batch)
             if "kl/mean" in feedback:
                 kl_ctl.update(feedback["kl/mean"], len(rollout.batch))
             with timer("weight_sync"):
@@ -215,6 +217,17 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg) -> dict[str, floa
     return metrics
 
 
+def needs_old_logprob_pass(cfg: DictConfig) -> bool:
+    """Whether pi_old's log-probs need a forward pass of their own before training. With one
+    optimizer step per batch, pi_old is the policy being trained, so the training forward gives
+    them (detached: ratio 1, the same gradient); only a KL penalty in the reward, or more steps
+    per batch, needs them earlier."""
+    algo = cfg.algorithm
+    one_step = algo.ppo_epochs == 1 and algo.train_batch_size == cfg.trainer.prompts_per_step * cfg.rollout.n
+    kl_in_reward = algo.kl_in == "reward" and algo.kl_coef > 0
+    return algo.recompute_old_logprobs or not one_step or kl_in_reward
+
+
 def add_advantages(batch: Batch, algo, kl_coef: float, group_size: int,
                    greedy_scores: torch.Tensor | None = None) -> dict[str, float]:
     """Per-token rewards (KL penalty and the estimator's outcome signal), then advantages and
@@ -224,10 +237,8 @@ def add_advantages(batch: Batch, algo, kl_coef: float, group_size: int,
                                  greedy_scores)
     stats = {"kl/coef": kl_coef}
     kl = torch.zeros_like(mask)
-    if "ref_logprobs" in batch.tensors:
+    if algo.kl_in == "reward" and "ref_logprobs" in batch.tensors:
         kl = alg.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], algo.kl_estimator) * mask
-        k1 = alg.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], "k1") * mask
-        stats["kl/mean"] = (k1.sum(dim=1) * batch["valid"]).sum().item() / max(batch["valid"].sum().item(), 1)
     rewards = alg.token_rewards(outcome, kl, mask, kl_coef if algo.kl_in == "reward" else 0.0)
     if algo.estimator == "gae":
         advantages, returns = alg.gae(rewards, batch["old_values"], mask, algo.gamma, algo.lam)
@@ -240,6 +251,16 @@ def add_advantages(batch: Batch, algo, kl_coef: float, group_size: int,
     batch["advantages"], batch["returns"] = advantages, returns
     stats["returns/mean"] = alg.masked_mean(returns, mask).item()
     return stats
+
+
+def kl_metrics(batch: Batch) -> dict[str, float]:
+    """kl/mean: the k1 KL of pi_old to the reference summed over each response, averaged over
+    the valid samples (what the adaptive KL controller tracks); none without a reference."""
+    if "ref_logprobs" not in batch.tensors:
+        return {}
+    k1 = alg.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], "k1") * batch["mask"]
+    valid = batch["valid"]
+    return {"kl/mean": (k1.sum(dim=1) * valid).sum().item() / max(valid.sum().item(), 1)}
 
 
 class Evaluator:

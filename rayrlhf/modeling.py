@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rayrlhf.algorithms import entropy_from_logits, response_logprobs
-from rayrlhf.batch import Batch, position_ids
+from rayrlhf.algorithms import entropy_from_logits, token_logprobs
+from rayrlhf.batch import Batch, pack_rows, position_ids
 from rayrlhf.errors import ModelError
 from rayrlhf.lora import plain_model
 
@@ -57,20 +57,41 @@ def _model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["sequences"], "attention_mask": mask, "position_ids": position_ids(mask)}
 
 
-def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
+def _scoring_inputs(batch: Batch, packed: bool):
+    """Model inputs for the batch (`packed`: its samples packed into rows, see batch.pack_rows),
+    and the function that takes the model's per-position outputs to [B, N, ...]: those at the
+    positions that score each response token."""
+    if not packed:
+        start = batch.prompt_len - 1
+        return _model_inputs(batch), lambda out: out[:, start:-1]
+    rows = pack_rows(batch)
+    inputs = {"input_ids": rows.input_ids, "attention_mask": segment_mask(rows.segment_ids),
+              "position_ids": rows.position_ids}
+    return inputs, lambda out: out[rows.rows, rows.cols]
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[R, 1, W, W] attention mask of rows of packed samples: causal, within a sample only."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & causal & (segments[:, None, :] > 0))[:, None]
+
+
+def policy_logprobs(model, batch: Batch, temperature: float, packed: bool = False) -> torch.Tensor:
     """[B, N] log-probs of the response tokens under `model`."""
-    return policy_logprobs_and_entropy(model, batch, temperature, with_entropy=False)[0]
+    return policy_logprobs_and_entropy(model, batch, temperature, with_entropy=False, packed=packed)[0]
 
 
-def policy_logprobs_and_entropy(model, batch: Batch, temperature: float, with_entropy: bool
-                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def policy_logprobs_and_entropy(model, batch: Batch, temperature: float, with_entropy: bool,
+                                packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs and, if asked, the entropy of the policy at each response position."""
-    logits = model(**_model_inputs(batch), use_cache=False).logits
-    logprobs = response_logprobs(logits, batch["sequences"], batch.prompt_len, temperature)
+    inputs, pick = _scoring_inputs(batch, packed)
+    scoring = pick(model(**inputs, use_cache=False).logits)
+    logprobs = token_logprobs(scoring, batch["sequences"][:, batch.prompt_len:], temperature)
     if not with_entropy:
         return logprobs, None
-    scoring = logits[:, batch.prompt_len - 1:-1] / temperature
-    return logprobs, entropy_from_logits(scoring)
+    return logprobs, entropy_from_logits(scoring / temperature)
 
 
 def _scalar_head(model, batch: Batch) -> torch.Tensor:
@@ -89,20 +110,17 @@ def pair_scores(model, batch: Batch) -> torch.Tensor:
 def sft_logits(model, batch: Batch) -> torch.Tensor:
     """Logits of rows laid out by data.sft_batch; packed examples attend only within themselves."""
     segments = batch["segment_ids"]
-    if segments.max() > 1:
-        width = segments.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
-        same = segments[:, :, None] == segments[:, None, :]
-        mask = (same & causal & (segments[:, None, :] > 0))[:, None]
-    else:
-        mask = (segments > 0).long()
+    mask = segment_mask(segments) if segments.max() > 1 else (segments > 0).long()
     return model(input_ids=batch["sequences"], attention_mask=mask, position_ids=batch["position_ids"],
                  use_cache=False).logits
 
 
-def token_values(model, batch: Batch) -> torch.Tensor:
+def token_values(model, batch: Batch, packed: bool = False) -> torch.Tensor:
     """[B, N] V(x, y_<i): read where the logits that score response token i are read."""
-    return _scalar_head(model, batch)[:, batch.prompt_len - 1:-1]
+    inputs, pick = _scoring_inputs(batch, packed)
+    model = plain_model(model)
+    hidden = pick(model.base_model(**inputs, use_cache=False).last_hidden_state)
+    return model.score(hidden).squeeze(-1).float()
 
 
 def sequence_scores(model, batch: Batch) -> torch.Tensor:

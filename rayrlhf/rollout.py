@@ -60,6 +60,9 @@ class RolloutWorker:
         self.llm.collective_rpc(weight_sync.engine_join,
                                 args=(master_addr, port, first_rank, world_size, backend, timeout_s))
 
+    def map_shared_weights(self, path: str, size: int) -> None:
+        self.llm.collective_rpc(weight_sync.engine_map, args=(path, size))
+
     def receive_weights(self, plan) -> None:
         self.llm.collective_rpc(weight_sync.engine_receive, args=(plan,))
         # Cached prefixes were computed with the old weights.

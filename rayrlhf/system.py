@@ -10,6 +10,7 @@ import torch
 from ray.util.placement_group import remove_placement_group
 from tqdm import tqdm
 
+from rayrlhf import weight_sync
 from rayrlhf.algorithms import response_mask
 from rayrlhf.batch import Batch, build_batch
 from rayrlhf.cluster import RoleGroup, bundle, reserve
@@ -187,7 +188,8 @@ class RLHFSystem:
     def _wait(self, refs, what: str, timeout_s: float | None = None):
         return wait(refs, what, timeout_s or self.cfg.ray.call_timeout_s)
 
-    def _wait_roles(self, calls: dict[str, list], what: str) -> dict[str, list]:
+    def _wait_roles(self, calls: dict[str, list], what: str, timeout_s: float | None = None
+                    ) -> dict[str, list]:
         """The results of calls sent to several roles at once; adds to role_seconds[name] the time
         from now until the last of that role's calls finished."""
         start, owner = time.perf_counter(), {ref: name for name, refs in calls.items() for ref in refs}
@@ -199,7 +201,7 @@ class RLHFSystem:
                 self.role_seconds[owner[ref]] = self.role_seconds.get(owner[ref], 0.0) + \
                     time.perf_counter() - start
 
-        wait(list(owner), what, self.cfg.ray.call_timeout_s, on_ready=finished)
+        wait(list(owner), what, timeout_s or self.cfg.ray.call_timeout_s, on_ready=finished)
         return {name: ray.get(refs) for name, refs in calls.items()}
 
     def take_role_seconds(self) -> dict[str, float]:
@@ -228,10 +230,15 @@ class RLHFSystem:
         return group
 
     def _join_weight_sync(self) -> None:
+        """Plans the buckets and sets up the transport (see weight_sync); every engine takes part."""
         ws, tp = self.cfg.weight_sync, self.cfg.rollout.tensor_parallel_size
-        backend = "nccl" if self.cfg.actor.gpus_per_rank > 0 else "gloo"
         sender = self.actor.actors[0]
         self.plan = self._wait(sender.weight_sync_plan.remote(ws.bucket_mb), "weight sync plan")
+        self.shared_memory = self._shared_memory_possible() and self._share_weights(sender)
+        backend = "nccl" if self.cfg.actor.gpus_per_rank > 0 else "gloo"
+        self.weight_transport = "shared memory" if self.shared_memory else f"{backend} broadcast"
+        if self.shared_memory:
+            return
         addr, port = self._wait(sender.address.remote(), "weight sync rendezvous")
         world = 1 + len(self.rollout.actors) * tp
         refs = [sender.join_weight_sync.remote(addr, port, world, backend, ws.timeout_s)]
@@ -239,6 +246,31 @@ class RLHFSystem:
             (addr, port, 1 + i * tp, world, backend, ws.timeout_s)
             for i in range(len(self.rollout.actors))])
         self._wait(refs, "weight sync group", ws.timeout_s)
+
+    def _shared_memory_possible(self) -> bool:
+        transport = self.cfg.weight_sync.transport
+        same_node = set(self.rollout.nodes()) == {self.actor.nodes()[0]}
+        if transport == "shared_memory" and not same_node:
+            raise RayRLHFError("weight_sync.transport=shared_memory needs every rollout engine on actor "
+                               f"rank 0's node; they were placed on {self.placement()}")
+        return transport != "collective" and same_node and self.cfg.actor.gpus_per_rank == 0
+
+    def _share_weights(self, sender) -> bool:
+        """The engines map a /dev/shm file that actor rank 0 writes to; the file is unlinked at
+        once (the mappings keep it), so no process that dies can leave it behind."""
+        path = self._wait(sender.share_weights.remote(self.plan), "weight sync shared memory")
+        if path is None:
+            message = f"{weight_sync.SHARED_DIR} has too little free space for the weights"
+            if self.cfg.weight_sync.transport == "shared_memory":
+                raise RayRLHFError(f"weight_sync.transport=shared_memory: {message}")
+            tqdm.write(f"weight sync: {message}; using the collective transport")
+            return False
+        try:
+            size = weight_sync.shared_offsets(self.plan)[-1]
+            self._wait(self.rollout.call("map_shared_weights", path, size), "weight sync shared memory")
+        finally:
+            self._wait(sender.unlink_shared_weights.remote(), "weight sync shared memory")
+        return True
 
     # Sample
 
@@ -301,12 +333,12 @@ class RLHFSystem:
             "metrics": {k: torch.cat([p["metrics"][k] for p in parts]) for k in parts[0]["metrics"]},
         }
 
-    def model_outputs(self, batch: Batch) -> None:
-        """Adds old_logprobs, and ref_logprobs and old_values where those roles exist."""
+    def model_outputs(self, batch: Batch, old_logprobs: bool = True) -> None:
+        """Adds old_logprobs (if asked), and ref_logprobs and old_values where those roles exist."""
         def shards(group: RoleGroup) -> list[tuple[Batch]]:
             return [(b,) for b in batch.chunks(len(group.actors))]
 
-        calls = {"actor_infer": self.actor.scatter("infer", shards(self.actor))}
+        calls = {"actor_infer": self.actor.scatter("infer", shards(self.actor))} if old_logprobs else {}
         if self.reference is not None:
             calls["reference_logprobs"] = self.reference.scatter("logprobs", shards(self.reference))
         if self.critic is not None:
@@ -319,15 +351,18 @@ class RLHFSystem:
     # Learn
 
     def train(self, batch: Batch, seed: int, kl_coef: float) -> dict[str, float]:
-        """Actor and critic train at once, each rank on its share; returns rank-averaged stats."""
+        """Actor and critic train at once, each rank on its share; returns rank-averaged stats.
+        A batch without old_logprobs gets those of the actor's training forward."""
         groups = [g for g in (self.actor, self.critic) if g is not None]
         calls = {f"{g.name}_train": g.scatter("train", [(b, seed, kl_coef)
                                                         for b in batch.chunks(len(g.actors))])
                  for g in groups}
         stats: dict[str, float] = {}
-        for per_rank in self._wait_roles(calls, "training").values():
-            for key in per_rank[0]:
-                stats[key] = sum(r[key] for r in per_rank) / len(per_rank)
+        for call, per_rank in self._wait_roles(calls, "training").items():
+            for key in per_rank[0][0]:
+                stats[key] = sum(r[key] for r, _ in per_rank) / len(per_rank)
+            if call == "actor_train" and per_rank[0][1] is not None:
+                batch["old_logprobs"] = torch.cat([logprobs for _, logprobs in per_rank])
         return stats
 
     def sync_weights(self) -> int:
@@ -335,8 +370,15 @@ class RLHFSystem:
         return self._with_engines(self._broadcast_weights)
 
     def _broadcast_weights(self) -> int:
-        refs = self.actor.call("send_weights", self.plan) + self.rollout.call("receive_weights", self.plan)
-        return self._wait(refs, "weight sync", self.cfg.weight_sync.timeout_s)[0]
+        send = {"actor_send_weights": self.actor.call("send_weights", self.plan)}
+        timeout_s = self.cfg.weight_sync.timeout_s
+        if self.shared_memory:  # written in full, then read
+            sent = self._wait_roles(send, "weight sync", timeout_s)["actor_send_weights"][0]
+            self._wait_roles({"rollout_load_weights": self.rollout.call("receive_weights", self.plan)},
+                             "weight sync", timeout_s)
+            return sent
+        receive = {"rollout_load_weights": self.rollout.call("receive_weights", self.plan)}
+        return self._wait_roles(send | receive, "weight sync", timeout_s)["actor_send_weights"][0]
 
     def _with_engines(self, call):
         """call(), which uses the engines. An engine that died (killed, out of memory) is started

@@ -10,12 +10,11 @@ import torch
 
 from rayrlhf import weight_sync
 from rayrlhf.algorithms import aggregate, kl_estimate, pairwise_loss, policy_loss, sft_nll, value_loss
-from rayrlhf.batch import Batch
+from rayrlhf.batch import Batch, balanced_groups
 from rayrlhf.lora import apply_lora, hf_weights, plain_model
 from rayrlhf.modeling import (
     DTYPES,
     default_device,
-    infer_in_micro_batches,
     load_causal_lm,
     load_scalar_model,
     pair_scores,
@@ -45,6 +44,9 @@ def deepspeed_config(role_cfg, train_batch_size: int, world_size: int, dtype: st
         "train_micro_batch_size_per_gpu": role_cfg.micro_batch_size,
         "gradient_accumulation_steps": train_batch_size // (world_size * role_cfg.micro_batch_size),
         "gradient_clipping": role_cfg.grad_clip,
+        # The trainer owns the boundary (one step() per minibatch), so micro-batches may vary in
+        # number and size; it scales each micro-batch's loss by its share itself.
+        "managed_gradient_accumulation": False,
         "zero_optimization": {"stage": role_cfg.zero_stage},
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16"},
@@ -64,6 +66,7 @@ class TrainerWorker:
     def __init__(self, role: str, rank: int, world_size: int):
         self.role, self.rank, self.world_size = role, rank, world_size
         self.sync_group = None
+        self.shared_weights: torch.Tensor | None = None  # the /dev/shm file rank 0 writes to
 
     def address(self) -> tuple[str, int]:
         return node_address()
@@ -103,16 +106,34 @@ class TrainerWorker:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _forward(self, model, batch: Batch) -> torch.Tensor:
-        if self.role == "actor":
-            return policy_logprobs(model, batch, self.temperature)
-        return token_values(model, batch)
-
+    @torch.no_grad()
     def infer(self, batch: Batch) -> torch.Tensor:
         """Old log-probs (actor) or old values (critic) of this rank's share of the batch."""
         self.module.eval()
-        return infer_in_micro_batches(self._forward, self.module, batch, self.cfg.micro_batch_size,
-                                      self.device)
+        out = torch.zeros(batch["mask"].shape)
+        for rows, micro in self._micro_batches(batch):
+            micro, packed = to_device(micro, self.device), self.cfg.packing
+            if self.role == "actor":
+                out[rows] = policy_logprobs(self.module, micro, self.temperature, packed).float().cpu()
+            else:
+                out[rows] = token_values(self.module, micro, packed).cpu()
+        return out
+
+    def _micro_batches(self, batch: Batch) -> list[tuple[torch.Tensor, Batch]]:
+        """(row indices, rows) of each micro-batch: micro_batch_size rows at a time, or, with
+        micro_batch_tokens, groups of about that many real tokens balanced by tokens, as many on
+        every rank (ZeRO-3 gathers weights collectively in every forward)."""
+        if not self.cfg.micro_batch_tokens:
+            size = self.cfg.micro_batch_size
+            return [(torch.arange(i, min(i + size, len(batch))), batch.select(slice(i, i + size)))
+                    for i in range(0, len(batch), size)]
+        tokens = _row_tokens(batch)
+        count = torch.tensor([-(-int(tokens.sum()) // self.cfg.micro_batch_tokens)], device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        groups = balanced_groups(tokens.tolist(), int(count))
+        if len(groups) < int(count):
+            raise ValueError(f"{len(batch)} rows cannot fill {int(count)} micro-batches")
+        return [(rows, batch.select(rows)) for rows in map(torch.tensor, groups)]
 
     def _sft_nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the response tokens, and their count."""
@@ -134,19 +155,25 @@ class TrainerWorker:
             return loss, {"loss/rm": loss.detach(), "rm/accuracy": accuracy,
                           "rm/margin": (scores[:, 0] - scores[:, 1]).mean().detach()}
         if self.role == "critic":
-            values = token_values(self.module, batch)
+            values = token_values(self.module, batch, self.cfg.packing)
             clip = self.algo.value_clip_eps or None
             loss, stats = value_loss(values, batch["old_values"], batch["returns"], batch["mask"], clip)
             return loss, {"loss/value": loss.detach(), "critic/clip_frac": stats["clip_frac"]}
 
         algo, mask = self.algo, batch["mask"]
         logprobs, entropy = policy_logprobs_and_entropy(self.module, batch, self.temperature,
-                                                        with_entropy=algo.entropy_coef > 0)
+                                                        with_entropy=algo.entropy_coef > 0,
+                                                        packed=self.cfg.packing)
+        if "old_logprobs" in batch.tensors:
+            old_logprobs = batch["old_logprobs"]
+        else:  # the only optimizer step of the batch: pi_old is the policy of this forward
+            old_logprobs = logprobs.detach()
+            self.forward_logprobs.append(old_logprobs.float().cpu())
         is_weights = None
         if algo.tis_cap is not None:
             # The samples came from the engine's policy; correct toward the trainer's pi_old.
-            is_weights = torch.exp(batch["old_logprobs"] - batch["engine_logprobs"]).clamp(max=algo.tis_cap)
-        loss, stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
+            is_weights = torch.exp(old_logprobs - batch["engine_logprobs"]).clamp(max=algo.tis_cap)
+        loss, stats = policy_loss(logprobs, old_logprobs, batch["advantages"], mask,
                                   algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg,
                                   self.norm_len, is_weights)
         out = {"loss/policy": loss.detach(), **{f"policy/{k}": v for k, v in stats.items()}}
@@ -161,17 +188,28 @@ class TrainerWorker:
             out["loss/kl"] = kl.detach()
         return loss, out
 
-    def train(self, batch: Batch, seed: int, kl_coef: float) -> dict[str, float]:
+    def train(self, batch: Batch, seed: int, kl_coef: float) -> tuple[dict[str, float], torch.Tensor | None]:
         """PPO epochs over this rank's share: minibatches of train_batch_size / ranks, each
-        accumulated over micro-batches; DeepSpeed all-reduces and steps at each minibatch end."""
+        accumulated over micro-batches; DeepSpeed all-reduces and steps at each minibatch end.
+
+        Returns the mean stats and, for an actor batch without old_logprobs (one optimizer step
+        per batch), the log-probs its training forward found, in the batch's row order."""
         per_rank = self.algo.train_batch_size // self.world_size
+        from_forward = self.role == "actor" and "old_logprobs" not in batch.tensors
+        if from_forward and (self.algo.ppo_epochs > 1 or per_rank < len(batch)):
+            raise ValueError("a batch without old_logprobs must get exactly one optimizer step")
         generator = torch.Generator().manual_seed(seed)
         sums: dict[str, float] = defaultdict(float)
+        self.forward_logprobs: list[torch.Tensor] = []
         for _ in range(self.algo.ppo_epochs):
-            shuffled = batch.select(torch.randperm(len(batch), generator=generator))
-            for minibatch in shuffled.minibatches(per_rank):
-                self._optimizer_step(minibatch, sums, kl_coef=kl_coef)
-        return _means(sums)
+            order = torch.randperm(len(batch), generator=generator)
+            for minibatch in batch.select(order).minibatches(per_rank):
+                rows = self._optimizer_step(minibatch, sums, kl_coef=kl_coef)
+        if not from_forward:
+            return _means(sums), None
+        old_logprobs = torch.empty_like(batch["engine_logprobs"])
+        old_logprobs[order[torch.cat(rows)]] = torch.cat(self.forward_logprobs)
+        return _means(sums), old_logprobs
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on this rank's share of a batch (SFT and reward-model training)."""
@@ -179,15 +217,31 @@ class TrainerWorker:
         self._optimizer_step(batch, sums)
         return _means(sums)
 
-    def _optimizer_step(self, minibatch: Batch, sums: dict[str, float], **loss_kwargs) -> None:
+    def _optimizer_step(self, minibatch: Batch, sums: dict[str, float], **loss_kwargs) -> list[torch.Tensor]:
+        """One optimizer step over the minibatch's micro-batches; returns their row indices.
+
+        A micro-batch's loss counts by its share of the minibatch's loss units (tokens for the
+        token-mean losses, else rows), so the step follows the minibatch's loss however it is cut."""
         self.module.train()
-        for micro in minibatch.minibatches(self.cfg.micro_batch_size):
+        micro_batches = self._micro_batches(minibatch)
+        units = self._loss_units(minibatch)
+        for rows, micro in micro_batches:
+            share = units[rows].sum() / units.sum() if units.sum() > 0 else len(rows) / len(minibatch)
             loss, stats = self._loss(to_device(micro, self.device), **loss_kwargs)
-            self.engine.backward(loss)
-            self.engine.step()
+            self.engine.backward(loss * float(share), scale_wrt_gas=False)
             for key, value in stats.items():
                 sums[key] += float(value)
             sums["_count"] += 1
+        self.engine.step()
+        return [rows for rows, _ in micro_batches]
+
+    def _loss_units(self, batch: Batch) -> torch.Tensor:
+        """Per row, what the role's loss averages over: tokens or the row itself."""
+        if self.role == "sft":
+            return batch["loss_mask"][:, 1:].sum(1).float()
+        if self.role == "critic" or (self.role == "actor" and self.algo.loss_agg == "token_mean"):
+            return batch["mask"].sum(1)
+        return torch.ones(len(batch))
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> dict[str, float]:
@@ -218,9 +272,21 @@ class TrainerWorker:
                          timeout_s: float) -> None:
         self.sync_group = weight_sync.join_group(master_addr, port, 0, world_size, backend, timeout_s)
 
+    def share_weights(self, plan) -> str | None:
+        """Creates and maps the shared-memory file (rank 0); its path, or None without room."""
+        created = weight_sync.create_shared_file(plan)
+        if created is None:
+            return None
+        self.shared_path, self.shared_weights = created
+        return self.shared_path
+
+    def unlink_shared_weights(self) -> None:
+        """Once the engines have mapped the file: the mappings keep it while it is in use."""
+        os.unlink(self.shared_path)
+
     def send_weights(self, plan) -> int:
-        return weight_sync.send_buckets(self.module, plan, self.sync_group, self.rank == 0,
-                                        self.device)
+        return weight_sync.send_buckets(self.module, plan, self.rank == 0, self.device,
+                                        group=self.sync_group, shared=self.shared_weights)
 
     def save_checkpoint(self, path: str) -> None:
         """Weights and optimizer state (DeepSpeed's format; every rank writes its shards)."""
@@ -241,6 +307,13 @@ class TrainerWorker:
                     state[name] = compute().detach().cpu().clone()
         if self.rank == 0:
             plain_model(self.module).save_pretrained(path, state_dict=state, safe_serialization=True)
+
+
+def _row_tokens(batch: Batch) -> torch.Tensor:
+    """Real tokens in each row (a preference pair's two sequences together)."""
+    if "attention_mask" in batch.tensors:
+        return batch["attention_mask"].flatten(1).sum(1)
+    return (batch["segment_ids"] > 0).sum(1)
 
 
 def _means(sums: dict[str, float]) -> dict[str, float]:

@@ -1,16 +1,21 @@
 """The weight-sync channel: actor trainer rank 0 -> every vLLM engine worker.
 
-A torch.distributed group of its own (gloo on CPU, NCCL on GPU) joins trainer rank 0 (rank 0)
-and each engine worker (ranks 1..). It is built straight from a TCPStore, so it lives beside
-the trainers' DeepSpeed group and vLLM's own group without touching either. Weights travel as
-flat buckets of about `bucket_mb`; the engines turn each bucket back into named HF tensors and
-stream them into vLLM's in-place reload.
+Weights travel as flat buckets of about `bucket_mb`; the engines turn each bucket back into
+named HF tensors and stream them into vLLM's in-place reload. Two transports:
+- collective: a torch.distributed group of its own (gloo on CPU, NCCL on GPU) joins trainer
+  rank 0 (rank 0) and each engine worker (ranks 1..). It is built straight from a TCPStore, so it
+  lives beside the trainers' DeepSpeed group and vLLM's own group without touching either;
+- shared memory (CPU, engines on the trainer's node): rank 0 copies the buckets into one file in
+  /dev/shm that every engine worker has mapped, and the engines load straight from the mapping,
+  so the bytes are copied once on each side and never pass through a socket.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import os
+import uuid
 from collections.abc import Iterator
 
 import torch
@@ -69,22 +74,35 @@ def gathered(params: list[torch.nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def send_buckets(module: torch.nn.Module, plan: list[list[ParamSpec]], group, is_sender: bool,
-                 device: torch.device) -> int:
-    """Called on every trainer rank (the ZeRO-3 gather needs them all); rank 0 broadcasts.
-
-    Returns the bytes sent.
-    """
+def send_buckets(module: torch.nn.Module, plan: list[list[ParamSpec]], is_sender: bool,
+                 device: torch.device, group=None, shared: torch.Tensor | None = None) -> int:
+    """Called on every trainer rank (the ZeRO-3 gather needs them all); rank 0 broadcasts each
+    bucket over `group`, or writes it into the `shared` memory file. Returns the bytes sent."""
     weights = {name: (parts, compute) for name, parts, compute in hf_weights(module)}
     sent = 0
-    for bucket in plan:
+    for index, bucket in enumerate(plan):
         entries = [weights[name] for name, _, _ in bucket]
         with gathered([p for parts, _ in entries for p in parts]):
-            if is_sender:
+            if not is_sender:
+                continue
+            if shared is None:
                 flat = torch.cat([compute().reshape(-1) for _, compute in entries]).to(device)
                 group.broadcast(flat, 0).wait()
-                sent += flat.numel() * flat.element_size()
+            else:
+                flat = bucket_view(shared, plan, index)
+                for (_, compute), view in zip(entries, _split(flat, bucket), strict=True):
+                    view.copy_(compute())
+            sent += flat.numel() * flat.element_size()
     return sent
+
+
+def _split(flat: torch.Tensor, bucket: list[ParamSpec]) -> Iterator[torch.Tensor]:
+    """The bucket's tensors, in order, as views of its flat buffer."""
+    offset = 0
+    for _, shape, _ in bucket:
+        n = _numel(shape)
+        yield flat[offset:offset + n].view(shape)
+        offset += n
 
 
 def receive_buckets(group, plan: list[list[ParamSpec]], device: torch.device
@@ -94,14 +112,59 @@ def receive_buckets(group, plan: list[list[ParamSpec]], device: torch.device
         numel = sum(_numel(shape) for _, shape, _ in bucket)
         flat = torch.empty(numel, dtype=getattr(torch, bucket[0][2]), device=device)
         group.broadcast(flat, 0).wait()
-        offset = 0
-        for name, shape, _ in bucket:
-            n = _numel(shape)
-            yield name, flat[offset:offset + n].view(shape)
-            offset += n
+        yield from zip([name for name, _, _ in bucket], _split(flat, bucket), strict=True)
 
 
-# The two functions below run inside each vLLM worker through `LLM.collective_rpc`, so that
+# Shared memory: bucket i lives at a 64-byte aligned offset of one file in /dev/shm.
+
+SHARED_DIR = "/dev/shm"
+_ALIGN = 64
+
+
+def _bucket_bytes(bucket: list[ParamSpec]) -> int:
+    itemsize = torch.empty((), dtype=getattr(torch, bucket[0][2])).element_size()
+    return sum(_numel(shape) for _, shape, _ in bucket) * itemsize
+
+
+def shared_offsets(plan: list[list[ParamSpec]]) -> list[int]:
+    """Each bucket's byte offset in the file, and the file size last."""
+    offsets = [0]
+    for bucket in plan:
+        offsets.append(offsets[-1] + -(-_bucket_bytes(bucket) // _ALIGN) * _ALIGN)
+    return offsets
+
+
+def bucket_view(shared: torch.Tensor, plan: list[list[ParamSpec]], index: int) -> torch.Tensor:
+    """Bucket `index` of the mapped file (a uint8 tensor) as a flat tensor of its dtype."""
+    start = shared_offsets(plan)[index]
+    return shared[start:start + _bucket_bytes(plan[index])].view(getattr(torch, plan[index][0][2]))
+
+
+def create_shared_file(plan: list[list[ParamSpec]]) -> tuple[str, torch.Tensor] | None:
+    """A new file in /dev/shm sized for the plan, mapped here; None if /dev/shm lacks the room
+    (a tmpfs that fills up would kill the writer with SIGBUS, not raise)."""
+    size = shared_offsets(plan)[-1]
+    if not os.path.isdir(SHARED_DIR):
+        return None
+    stats = os.statvfs(SHARED_DIR)
+    if stats.f_bavail * stats.f_frsize < 2 * size:  # leave room for Ray's object store
+        return None
+    path = os.path.join(SHARED_DIR, f"rayrlhf-weights-{uuid.uuid4().hex}")
+    return path, map_shared_file(path, size)
+
+
+def map_shared_file(path: str, size: int) -> torch.Tensor:
+    return torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+
+
+def shared_weights(shared: torch.Tensor, plan: list[list[ParamSpec]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) views of every weight in the mapped file, for `reload_weights`."""
+    for index, bucket in enumerate(plan):
+        yield from zip([name for name, _, _ in bucket], _split(bucket_view(shared, plan, index), bucket),
+                       strict=True)
+
+
+# The functions below run inside each vLLM worker through `LLM.collective_rpc`, so that
 # with tensor parallelism every worker process joins the group and loads its own shard.
 
 def engine_join(worker, master_addr: str, port: int, first_rank: int, world_size: int,
@@ -110,7 +173,16 @@ def engine_join(worker, master_addr: str, port: int, first_rank: int, world_size
                                            world_size, backend, timeout_s)
 
 
+def engine_map(worker, path: str, size: int) -> None:
+    worker.rayrlhf_shared = map_shared_file(path, size)
+
+
 def engine_receive(worker, plan: list[list[ParamSpec]]) -> None:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    worker.reload_weights(weights_iterator=receive_buckets(worker.rayrlhf_sync_group, plan, device))
+    shared = getattr(worker, "rayrlhf_shared", None)
+    if shared is not None:
+        weights = shared_weights(shared, plan)
+    else:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        weights = receive_buckets(worker.rayrlhf_sync_group, plan, device)
+    worker.reload_weights(weights_iterator=weights)

@@ -2,7 +2,8 @@
 
 import torch
 
-from rayrlhf.batch import build_batch, position_ids
+from rayrlhf import weight_sync
+from rayrlhf.batch import balanced_groups, build_batch, first_fit, pack_rows, position_ids
 from rayrlhf.weight_sync import plan_buckets
 
 
@@ -28,3 +29,44 @@ def test_weight_sync_buckets_respect_size_and_dtype():
              ("d", (2,), "bfloat16")]
     buckets = plan_buckets(specs, bucket_bytes=32)
     assert [[name for name, _, _ in b] for b in buckets] == [["a", "b"], ["c"], ["d"]]
+
+
+def test_shared_memory_file_carries_every_weight_of_mixed_dtypes(tmp_path):
+    """What rank 0 writes into the mapped file is what an engine's mapping of it yields."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2).to(torch.bfloat16))
+    plan = plan_buckets(weight_sync.parameter_specs(model), bucket_bytes=40)
+    offsets = weight_sync.shared_offsets(plan)
+    assert len(plan) > 2 and all(offset % 64 == 0 for offset in offsets)
+    path = str(tmp_path / "weights")
+    writer = weight_sync.map_shared_file(path, offsets[-1])
+    sent = weight_sync.send_buckets(model, plan, is_sender=True, device=torch.device("cpu"), shared=writer)
+    assert sent == sum(p.numel() * p.element_size() for p in model.parameters())
+    reader = dict(weight_sync.shared_weights(weight_sync.map_shared_file(path, offsets[-1]), plan))
+    assert list(reader) == [name for name, _ in model.named_parameters()]
+    for name, param in model.named_parameters():
+        assert reader[name].dtype == param.dtype and torch.equal(reader[name], param.data), name
+
+
+def test_first_fit_and_balanced_groups():
+    assert first_fit([5, 3, 4, 2, 6], capacity=8) == [[4, 3], [0, 1], [2]]
+    assert first_fit([9, 1], capacity=8) == [[0], [1]]  # too long for a row: alone
+    groups = balanced_groups([7, 1, 5, 4, 3, 2], count=3)
+    assert sorted(sum([7, 1, 5, 4, 3, 2][i] for i in g) for g in groups) == [7, 7, 8]
+    assert sorted(i for g in groups for i in g) == list(range(6))
+
+
+def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_reward_model):
+    """Packing changes where tokens sit, never what each response token is scored with."""
+    from rayrlhf.modeling import load_causal_lm, load_scalar_model, policy_logprobs, token_values
+
+    batch = build_batch([[5, 6, 7, 8, 9], [8], [10, 11]], [[1, 2], [3, 4, 9, 12], []], pad_id=0)
+    packed = pack_rows(batch)
+    assert packed.input_ids.shape == (2, 7)  # 7 + (1 + 4 | 2 + 0): two rows as wide as the longest
+    assert packed.segment_ids.tolist() == [[1] * 7, [1, 1, 1, 1, 1, 2, 2]]
+    policy, critic = load_causal_lm(tiny_policy, "float32"), load_scalar_model(tiny_reward_model, "float32")
+    with torch.no_grad():
+        pairs = [(policy_logprobs(policy, batch, 0.7), policy_logprobs(policy, batch, 0.7, packed=True)),
+                 (token_values(critic, batch), token_values(critic, batch, packed=True))]
+    for unpacked, repacked in pairs:
+        for row, length in enumerate(batch["response_lengths"].tolist()):
+            assert torch.allclose(unpacked[row, :length], repacked[row, :length], atol=1e-5), row

@@ -85,3 +85,18 @@ def test_roles_follow_the_algorithm():
     assert roles_needed(grpo) == {"rollout", "reward", "actor", "reference"}
     no_kl = load_config(PRESET, ["algorithm.estimator=rloo", "rollout.n=2", "algorithm.kl_coef=0"])
     assert roles_needed(no_kl) == {"rollout", "reward", "actor"}
+
+
+def test_old_logprob_pass_only_when_pi_old_differs_from_the_trained_policy():
+    from rayrlhf.driver import needs_old_logprob_pass
+
+    one_step = ["trainer.prompts_per_step=8", "rollout.n=4", "algorithm.train_batch_size=32",
+                "algorithm.ppo_epochs=1", "algorithm.kl_coef=0.1", "algorithm.kl_in=loss",
+                "actor.micro_batch_size=8", "critic.micro_batch_size=8"]
+    assert not needs_old_logprob_pass(load_config(PRESET, one_step))
+    assert not needs_old_logprob_pass(load_config(PRESET, [*one_step, "algorithm.kl_in=reward",
+                                                           "algorithm.kl_coef=0"]))
+    for extra in ("algorithm.kl_in=reward",  # the KL reward is computed before training
+                  "algorithm.ppo_epochs=2", "algorithm.train_batch_size=16",  # several steps per batch
+                  "algorithm.recompute_old_logprobs=true"):
+        assert needs_old_logprob_pass(load_config(PRESET, [*one_step, extra])), extra

@@ -61,15 +61,21 @@ def test_grpo_with_a_user_reward_file_dataset_fields_and_eval(tmp_path, ray_clus
 
 def test_rloo_without_kl_and_with_async_rollouts(tmp_path, ray_cluster, tiny_policy, task):
     """RLOO starts no reference. Asynchronously, batches 2 and 3 go to the engines before step 1
-    trains; each step trains on samples from weights at most max_staleness updates old."""
+    trains; each step trains on samples from weights at most max_staleness updates old. One
+    optimizer step per batch: pi_old's log-probs come from the training forward, with no pass of
+    their own, and still match the engine's row for row."""
     data, rewards = task
     history = run(tmp_path, tiny_policy, "algorithm.estimator=rloo", "rollout.n=2", "algorithm.kl_coef=0",
                   f"data.path={data}", f"reward.function={rewards}:first_letter", "trainer.total_steps=4",
-                  "trainer.async_rollout=true", "trainer.max_staleness=2", "algorithm.tis_cap=2.0")
+                  "trainer.async_rollout=true", "trainer.max_staleness=2", "algorithm.tis_cap=2.0",
+                  "algorithm.ppo_epochs=1")
     assert "kl/mean" not in history[-1] and "loss/value" not in history[-1]
     assert finite(history, "loss/policy", "reward/mean")
     assert [m["rollout/staleness"] for m in history] == [0, 1, 2, 2]
     assert "sync/logprob_gap_mean" in history[0] and "sync/logprob_gap_mean" not in history[1]
+    assert history[0]["sync/logprob_gap_mean"] < 1e-3
+    assert all("time/role/actor_infer" not in m for m in history)
+    assert all(m["policy/ratio_mean"] == 1.0 and m["policy/clip_frac"] == 0.0 for m in history)
 
 
 def test_reinforce_pp_with_kl_loss_and_every_loss_option(tmp_path, ray_cluster, tiny_policy, task):
@@ -79,9 +85,12 @@ def test_reinforce_pp_with_kl_loss_and_every_loss_option(tmp_path, ray_cluster, 
                   "algorithm.kl_in=loss", "algorithm.kl_estimator=k3", "algorithm.kl_coef=0.1",
                   "algorithm.dual_clip=3", "algorithm.clip_eps_high=0.28", "algorithm.entropy_coef=0.01",
                   "algorithm.loss_agg=seq_mean_token_sum_norm", "algorithm.tis_cap=2.0",
-                  "reward.truncated_penalty=-0.5", "reward.normalize=true", "reward.clip=3")
-    assert finite(history, "loss/policy", "loss/kl", "policy/entropy")
+                  "reward.truncated_penalty=-0.5", "reward.normalize=true", "reward.clip=3",
+                  "algorithm.ppo_epochs=1")
+    assert finite(history, "loss/policy", "loss/kl", "policy/entropy", "kl/mean")
     assert history[-1]["loss/kl"] >= 0  # k3 never goes negative
+    # KL in the loss and one optimizer step per batch: no separate old-log-prob pass.
+    assert "time/role/actor_infer" not in history[-1] and "time/role/reference_logprobs" in history[-1]
 
 
 def test_bad_rewards_stop_the_run_or_are_skipped(tmp_path, ray_cluster, tiny_policy, task):

@@ -54,6 +54,7 @@ def check_run(cfg, history, initial_policy):
     last = lines[-1]
     assert last["sync/logprob_gap_mean"] < 1e-3
     assert last["sync/bytes"] > 0
+    assert not list(Path("/dev/shm").glob("rayrlhf-weights-*")), "a shared-memory weights file was left"
     assert (out / "config.yaml").exists()
 
     from transformers import AutoModelForCausalLM
@@ -71,11 +72,15 @@ def test_zero2_two_ranks_two_engines_reward_model(tmp_path, ray_cluster, tiny_po
                        f"reward.models=[{{path: {tiny_reward_model}}}]",
                        "actor.num_ranks=2", "critic.num_ranks=2", "actor.zero_stage=2",
                        "critic.zero_stage=2", "rollout.num_engines=2", "reward.num_workers=2",
-                       "ray.colocate=[[actor,reference,reward],[critic,rollout]]")
+                       "ray.colocate=[[actor,reference,reward],[critic,rollout]]",
+                       # Packed micro-batches of at most 24 tokens: several per minibatch.
+                       "data.max_prompt_tokens=16", "actor.packing=true", "critic.packing=true",
+                       "actor.micro_batch_tokens=24", "critic.micro_batch_tokens=24")
     history = train(cfg)
     lines = check_run(cfg, history, tiny_policy)
     placed = capsys.readouterr().out
     assert "rollout x2 on " in placed and "actor x2 on " in placed
+    assert "weight sync by shared memory" in placed  # both engines read the file rank 0 writes
     assert re.search(r"reference x1 on [\d.]+ \(bundles shared with reward, actor\)", placed), placed
     assert re.search(r"critic x2 on [\d.]+ \(bundles shared with rollout\)", placed), placed
     # A reward model's scores are continuous, unlike the rule's multiples of 1/8.
@@ -83,11 +88,14 @@ def test_zero2_two_ranks_two_engines_reward_model(tmp_path, ray_cluster, tiny_po
     assert wait_for_resources_released(ray_cluster)
 
 
-def test_zero3_two_ranks_and_checkpoint_loads_in_vllm(tmp_path, ray_cluster, tiny_policy):
+def test_zero3_two_ranks_and_checkpoint_loads_in_vllm(tmp_path, ray_cluster, tiny_policy, capsys):
     cfg = small_config(tmp_path, tiny_policy, "actor.num_ranks=2", "critic.num_ranks=2",
-                       "actor.zero_stage=3", "critic.zero_stage=3", "rollout.temperature=0.8")
+                       "actor.zero_stage=3", "critic.zero_stage=3", "rollout.temperature=0.8",
+                       "weight_sync.transport=collective", "data.max_prompt_tokens=16",
+                       "actor.micro_batch_tokens=24", "critic.micro_batch_tokens=24")
     history = train(cfg)
     check_run(cfg, history, tiny_policy)
+    assert "weight sync by gloo broadcast" in capsys.readouterr().out
     assert wait_for_resources_released(ray_cluster)
 
     # The saved policy (gathered from ZeRO-3 shards) loads in vLLM and in transformers, and the
