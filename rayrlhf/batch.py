@@ -90,39 +90,71 @@ def balanced_groups(lengths: list[int], count: int) -> list[list[int]]:
 
 @dataclass
 class PackedRows:
-    """Samples packed end to end into rows with no padding between them; each attends only to
-    itself (`segment_ids`, 0 on the padding at a row's end) and its positions restart at 0."""
+    """Samples packed end to end into rows with no padding between them. A segment is one prompt
+    followed by the responses to it (one, or with `share_prompts` every response in the batch
+    to the same prompt, so the prompt is computed once); each response attends to its prompt
+    and itself only, and its positions continue from the prompt's."""
     input_ids: torch.Tensor  # [R, W]
     position_ids: torch.Tensor  # [R, W]
-    segment_ids: torch.Tensor  # [R, W]
+    segment_ids: torch.Tensor  # [R, W]: 1, 2, ... per segment of a row; 0 on the row's end padding
+    sample_ids: torch.Tensor  # [R, W]: 0 on a segment's prompt, k on its k-th response
     # Where the output that scores response token j of sample b sits: [rows[b, j], cols[b, j]].
     rows: torch.Tensor  # [B, N]
     cols: torch.Tensor  # [B, N]
 
 
-def pack_rows(batch: Batch) -> PackedRows:
-    """The batch's real tokens packed into rows as wide as its longest sample."""
+def prompt_groups(batch: Batch) -> list[list[int]]:
+    """Sample indices grouped by identical prompt tokens, in order of first appearance."""
+    prompts = batch["sequences"][:, :batch.prompt_len]
+    real = batch["attention_mask"][:, :batch.prompt_len].bool()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for sample in range(len(batch)):
+        groups.setdefault(tuple(prompts[sample][real[sample]].tolist()), []).append(sample)
+    return list(groups.values())
+
+
+def segment_sizes(batch: Batch, segments: list[list[int]]) -> list[int]:
+    """Tokens of each segment packed with one copy of its samples' (common) prompt."""
     mask = batch["attention_mask"].bool()
-    sequences, device = batch["sequences"], batch["sequences"].device
-    lengths = mask.sum(1).tolist()
     prompt_lengths = mask[:, :batch.prompt_len].sum(1).tolist()
-    width, response_width = max(lengths), sequences.shape[1] - batch.prompt_len
-    groups = first_fit(lengths, width)
-    input_ids = torch.zeros(len(groups), width, dtype=torch.long, device=device)
+    response_lengths = mask[:, batch.prompt_len:].sum(1).tolist()
+    return [prompt_lengths[s[0]] + sum(response_lengths[i] for i in s) for s in segments]
+
+
+def pack_rows(batch: Batch, share_prompts: bool = False) -> PackedRows:
+    """The batch's real tokens packed into rows as wide as its longest segment."""
+    mask = batch["attention_mask"].bool()
+    sequences, device, width_p = batch["sequences"], batch["sequences"].device, batch.prompt_len
+    prompt_lengths = mask[:, :width_p].sum(1).tolist()
+    response_lengths = mask[:, width_p:].sum(1).tolist()
+    segments = prompt_groups(batch) if share_prompts else [[sample] for sample in range(len(batch))]
+    sizes = segment_sizes(batch, segments)
+    width, response_width = max(sizes), sequences.shape[1] - width_p
+    rows_of_segments = first_fit(sizes, width)
+    input_ids = torch.zeros(len(rows_of_segments), width, dtype=torch.long, device=device)
     position_ids, segment_ids = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    sample_ids = torch.zeros_like(input_ids)
     rows = torch.zeros(len(batch), response_width, dtype=torch.long, device=device)
     cols = torch.zeros_like(rows)
     steps = torch.arange(response_width, device=device)
-    for row, group in enumerate(groups):
+    for row, members in enumerate(rows_of_segments):
         start = 0
-        for segment, sample in enumerate(group, 1):
-            n, prompt = lengths[sample], prompt_lengths[sample]
-            input_ids[row, start:start + n] = sequences[sample][mask[sample]]
-            position_ids[row, start:start + n] = torch.arange(n, device=device)
-            segment_ids[row, start:start + n] = segment
-            rows[sample] = row
-            # Response token j is scored one position before it; past the response (masked out
-            # by the caller) point at its last real position.
-            cols[sample] = start + prompt - 1 + steps.clamp(max=max(n - prompt - 1, 0))
-            start += n
-    return PackedRows(input_ids, position_ids, segment_ids, rows, cols)
+        for segment_id, segment in enumerate(members, 1):
+            samples = segments[segment]
+            prompt = prompt_lengths[samples[0]]
+            input_ids[row, start:start + prompt] = sequences[samples[0], :width_p][mask[samples[0], :width_p]]
+            position_ids[row, start:start + prompt] = torch.arange(prompt, device=device)
+            prompt_last, start = start + prompt - 1, start + prompt
+            for sample_id, sample in enumerate(samples, 1):
+                n = response_lengths[sample]
+                input_ids[row, start:start + n] = sequences[sample, width_p:width_p + n]
+                position_ids[row, start:start + n] = torch.arange(prompt, prompt + n, device=device)
+                sample_ids[row, start:start + n] = sample_id
+                rows[sample] = row
+                # Token 0 is scored at the prompt's last position, token j at response token
+                # j - 1; past the response (masked out by the caller) at its last scoring position.
+                last = start + n - 2 if n >= 2 else prompt_last
+                cols[sample] = torch.where(steps == 0, prompt_last, (start + steps - 1).clamp(max=last))
+                start += n
+            segment_ids[row, start - sizes[segment]:start] = segment_id
+    return PackedRows(input_ids, position_ids, segment_ids, sample_ids, rows, cols)

@@ -68,6 +68,9 @@ class RolloutConfig:
     # Engines that die during a run are started again (with the current weights) and the lost
     # work retried, up to this many restarts in the run.
     max_restarts: int = 3
+    # GPU engines colocated with trainers: after sampling, release the KV cache and weights
+    # (vLLM sleep mode) so training can use the memory; the weight sync restores them.
+    sleep: bool = False
 
 
 @dataclass
@@ -148,6 +151,9 @@ class PPOTrainerConfig(TrainerRoleConfig):
     # Pack samples end to end into rows as wide as the longest one (no padding computed between
     # them; each attends only to itself).
     packing: bool = False
+    # With packing, the responses to one prompt (GRPO's group) follow one copy of it in a row, so
+    # the prompt is computed once for all of them (the same log-probs and gradients).
+    share_prompts: bool = True
 
 
 @dataclass
@@ -285,7 +291,8 @@ class EvalConfig:
 class WeightSyncConfig:
     bucket_mb: float = 64.0
     # shared_memory: through a /dev/shm file (CPU, every engine on actor rank 0's node);
-    # collective: a gloo/NCCL broadcast group; auto: shared_memory where it can, else collective.
+    # cuda_ipc: through a buffer on the GPU an engine shares with an actor rank (colocated);
+    # collective: a gloo/NCCL broadcast group; auto: the first of these that the placement allows.
     transport: str = "auto"
     # Compare engine and trainer log-probs of the sampled tokens every N steps (0: never).
     check_every: int = 1
@@ -368,7 +375,7 @@ class RunConfig:
 
 STAGES = ("sft", "rm", "ppo")
 PPO_ROLES = ("rollout", "reference", "reward", "actor", "critic")
-WEIGHT_TRANSPORTS = ("auto", "shared_memory", "collective")
+WEIGHT_TRANSPORTS = ("auto", "shared_memory", "cuda_ipc", "collective")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -544,7 +551,14 @@ def _check_ppo(cfg: DictConfig) -> None:
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
     _one_of(cfg, "weight_sync.transport", WEIGHT_TRANSPORTS)
     _check(cfg.weight_sync.transport != "shared_memory" or cfg.actor.gpus_per_rank == 0,
-           "weight_sync.transport", "shared_memory is for CPU trainers and engines (GPUs use collective)")
+           "weight_sync.transport", "shared_memory is for CPU trainers and engines (GPUs: cuda_ipc or "
+           "collective)")
+    _check(cfg.weight_sync.transport != "cuda_ipc" or cfg.actor.gpus_per_rank > 0, "weight_sync.transport",
+           "cuda_ipc needs GPU trainers and engines (actor.gpus_per_rank, rollout.gpus_per_engine)")
+    _check(not cfg.rollout.sleep or cfg.rollout.gpus_per_engine > 0, "rollout.sleep",
+           "is for GPU engines (vLLM sleep mode releases GPU memory); set rollout.gpus_per_engine")
+    _check(not (cfg.rollout.sleep and cfg.trainer.async_rollout), "rollout.sleep",
+           "does not go with trainer.async_rollout (the engines generate while the trainers train)")
     _check_algorithm(cfg)
     _check_reward(cfg)
     _check(bool(cfg.data.path or cfg.data.task), "data.path",

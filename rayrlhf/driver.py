@@ -65,6 +65,7 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
                 rollout, staleness = rollouts.next(step)
                 greedy = system.generate(rollout.source, step, greedy=True) if algo.estimator == "remax" \
                     else None
+                system.release_engines()  # rollout.sleep: their GPU memory is the trainers' until the sync
             with timer("experience"):
                 feedback = apply_rewards(rollout, system.rewards(rollout), cfg.reward)
                 baseline = None

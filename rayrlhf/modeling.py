@@ -57,36 +57,40 @@ def _model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["sequences"], "attention_mask": mask, "position_ids": position_ids(mask)}
 
 
-def _scoring_inputs(batch: Batch, packed: bool):
-    """Model inputs for the batch (`packed`: its samples packed into rows, see batch.pack_rows),
-    and the function that takes the model's per-position outputs to [B, N, ...]: those at the
-    positions that score each response token."""
-    if not packed:
+def _scoring_inputs(batch: Batch, packing: str):
+    """Model inputs for the batch and the function that takes the model's per-position outputs
+    to [B, N, ...]: those at the positions that score each response token. `packing` (see
+    batch.pack_rows): "none" keeps the padded layout, "samples" packs samples into rows, "prompts"
+    also computes each prompt once for all its responses."""
+    if packing == "none":
         start = batch.prompt_len - 1
         return _model_inputs(batch), lambda out: out[:, start:-1]
-    rows = pack_rows(batch)
-    inputs = {"input_ids": rows.input_ids, "attention_mask": segment_mask(rows.segment_ids),
+    rows = pack_rows(batch, share_prompts=packing == "prompts")
+    inputs = {"input_ids": rows.input_ids, "attention_mask": segment_mask(rows.segment_ids, rows.sample_ids),
               "position_ids": rows.position_ids}
     return inputs, lambda out: out[rows.rows, rows.cols]
 
 
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[R, 1, W, W] attention mask of rows of packed samples: causal, within a sample only."""
+def segment_mask(segments: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, 1, W, W] attention mask of rows of packed segments: causal, within a segment only,
+    and (given `samples`, see batch.PackedRows) a response sees its prompt and itself only."""
     width = segments.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    return (same & causal & (segments[:, None, :] > 0))[:, None]
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal & (segments[:, None, :] > 0)
+    if samples is not None:
+        allowed &= (samples[:, None, :] == 0) | (samples[:, :, None] == samples[:, None, :])
+    return allowed[:, None]
 
 
-def policy_logprobs(model, batch: Batch, temperature: float, packed: bool = False) -> torch.Tensor:
+def policy_logprobs(model, batch: Batch, temperature: float, packing: str = "none") -> torch.Tensor:
     """[B, N] log-probs of the response tokens under `model`."""
-    return policy_logprobs_and_entropy(model, batch, temperature, with_entropy=False, packed=packed)[0]
+    return policy_logprobs_and_entropy(model, batch, temperature, with_entropy=False, packing=packing)[0]
 
 
 def policy_logprobs_and_entropy(model, batch: Batch, temperature: float, with_entropy: bool,
-                                packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                packing: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs and, if asked, the entropy of the policy at each response position."""
-    inputs, pick = _scoring_inputs(batch, packed)
+    inputs, pick = _scoring_inputs(batch, packing)
     scoring = pick(model(**inputs, use_cache=False).logits)
     logprobs = token_logprobs(scoring, batch["sequences"][:, batch.prompt_len:], temperature)
     if not with_entropy:
@@ -115,9 +119,9 @@ def sft_logits(model, batch: Batch) -> torch.Tensor:
                  use_cache=False).logits
 
 
-def token_values(model, batch: Batch, packed: bool = False) -> torch.Tensor:
+def token_values(model, batch: Batch, packing: str = "none") -> torch.Tensor:
     """[B, N] V(x, y_<i): read where the logits that score response token i are read."""
-    inputs, pick = _scoring_inputs(batch, packed)
+    inputs, pick = _scoring_inputs(batch, packing)
     model = plain_model(model)
     hidden = pick(model.base_model(**inputs, use_cache=False).last_hidden_state)
     return model.score(hidden).squeeze(-1).float()

@@ -30,8 +30,10 @@ class RolloutWorker:
                        seed=seed, enforce_eager=True, max_model_len=max_model_len,
                        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                       enable_sleep_mode=rollout_cfg.sleep,
                        # Log-probs after temperature, as the trainer computes them.
                        logprobs_mode="processed_logprobs")
+        self.asleep = False
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None,
                  greedy: bool = False) -> list[list[Sample]]:
@@ -63,7 +65,21 @@ class RolloutWorker:
     def map_shared_weights(self, path: str, size: int) -> None:
         self.llm.collective_rpc(weight_sync.engine_map, args=(path, size))
 
-    def receive_weights(self, plan) -> None:
-        self.llm.collective_rpc(weight_sync.engine_receive, args=(plan,))
+    def receive_weights(self, plan, ipc_handle: tuple | None = None) -> None:
+        """The actor's weights (see weight_sync); an engine asleep gets memory for them first,
+        and for its KV cache once they are in."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc(weight_sync.engine_receive, args=(plan, ipc_handle))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Releases the GPU memory of the KV cache and the weights (vLLM sleep mode, level 2) for
+        colocated trainers; the next weight sync brings the weights back."""
+        if not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True

@@ -103,6 +103,11 @@ def _actor_memory(actor) -> dict[str, float]:
     return process_memory()
 
 
+def _device(actor) -> tuple[str, tuple[str, ...]]:
+    """(node id, GPU ids) of the actor: equal for actors that share a GPU."""
+    return ray.get_runtime_context().get_node_id(), tuple(str(gpu) for gpu in ray.get_gpu_ids())
+
+
 def trainer_group(role: str, role_cfg, model_path: str, train_batch_size: int, cfg, placement=None,
                   **setup_kwargs) -> RoleGroup:
     """`role_cfg.num_ranks` DeepSpeed ranks of `role`, rendezvoused and loaded from `model_path`."""
@@ -234,10 +239,16 @@ class RLHFSystem:
         ws, tp = self.cfg.weight_sync, self.cfg.rollout.tensor_parallel_size
         sender = self.actor.actors[0]
         self.plan = self._wait(sender.weight_sync_plan.remote(ws.bucket_mb), "weight sync plan")
+        self.ipc_senders = self._cuda_ipc_senders() if self.cfg.actor.gpus_per_rank > 0 else None
         self.shared_memory = self._shared_memory_possible() and self._share_weights(sender)
         backend = "nccl" if self.cfg.actor.gpus_per_rank > 0 else "gloo"
-        self.weight_transport = "shared memory" if self.shared_memory else f"{backend} broadcast"
-        if self.shared_memory:
+        self.weight_transport = "shared memory" if self.shared_memory else \
+            "CUDA IPC" if self.ipc_senders else f"{backend} broadcast"
+        if self.ipc_senders:
+            senders = set(self.ipc_senders)
+            self._wait([a.use_cuda_ipc.remote(rank in senders) for rank, a in enumerate(self.actor.actors)],
+                       "weight sync by CUDA IPC")
+        if self.shared_memory or self.ipc_senders:
             return
         addr, port = self._wait(sender.address.remote(), "weight sync rendezvous")
         world = 1 + len(self.rollout.actors) * tp
@@ -247,13 +258,27 @@ class RLHFSystem:
             for i in range(len(self.rollout.actors))])
         self._wait(refs, "weight sync group", ws.timeout_s)
 
+    def _cuda_ipc_senders(self) -> list[int] | None:
+        """For each engine, the actor rank that shares its GPU, when CUDA IPC is to be used."""
+        transport = self.cfg.weight_sync.transport
+        if transport not in ("auto", "cuda_ipc"):
+            return None
+        devices = [self._wait([a.__ray_call__.remote(_device) for a in g.actors], "device query")
+                   for g in (self.actor, self.rollout)]
+        senders = weight_sync.ipc_senders(*devices) if self.cfg.rollout.tensor_parallel_size == 1 else None
+        if transport == "cuda_ipc" and senders is None:
+            raise RayRLHFError("weight_sync.transport=cuda_ipc needs every rollout engine on one GPU "
+                               "(tensor_parallel_size 1) that an actor rank uses too (ray.colocate); they "
+                               f"were placed on {self.placement()}")
+        return senders
+
     def _shared_memory_possible(self) -> bool:
         transport = self.cfg.weight_sync.transport
         same_node = set(self.rollout.nodes()) == {self.actor.nodes()[0]}
         if transport == "shared_memory" and not same_node:
             raise RayRLHFError("weight_sync.transport=shared_memory needs every rollout engine on actor "
                                f"rank 0's node; they were placed on {self.placement()}")
-        return transport != "collective" and same_node and self.cfg.actor.gpus_per_rank == 0
+        return transport in ("auto", "shared_memory") and same_node and self.cfg.actor.gpus_per_rank == 0
 
     def _share_weights(self, sender) -> bool:
         """The engines map a /dev/shm file that actor rank 0 writes to; the file is unlinked at
@@ -372,13 +397,25 @@ class RLHFSystem:
     def _broadcast_weights(self) -> int:
         send = {"actor_send_weights": self.actor.call("send_weights", self.plan)}
         timeout_s = self.cfg.weight_sync.timeout_s
-        if self.shared_memory:  # written in full, then read
-            sent = self._wait_roles(send, "weight sync", timeout_s)["actor_send_weights"][0]
-            self._wait_roles({"rollout_load_weights": self.rollout.call("receive_weights", self.plan)},
-                             "weight sync", timeout_s)
-            return sent
-        receive = {"rollout_load_weights": self.rollout.call("receive_weights", self.plan)}
-        return self._wait_roles(send | receive, "weight sync", timeout_s)["actor_send_weights"][0]
+        if not (self.shared_memory or self.ipc_senders):  # streamed: sent and received at once
+            receive = {"rollout_load_weights": self.rollout.call("receive_weights", self.plan)}
+            return self._wait_roles(send | receive, "weight sync", timeout_s)["actor_send_weights"][0][0]
+        # Written in full, then read: from the shared file, or from each sender's GPU buffer.
+        sent = self._wait_roles(send, "weight sync", timeout_s)["actor_send_weights"]
+        handles = [sent[rank][1] for rank in self.ipc_senders] if self.ipc_senders else \
+            [None] * len(self.rollout.actors)
+        try:
+            self._wait_roles({"rollout_load_weights": self.rollout.scatter(
+                "receive_weights", [(self.plan, handle) for handle in handles])}, "weight sync", timeout_s)
+        finally:
+            if self.ipc_senders:
+                self._wait(self.actor.call("release_weights_buffer"), "weight sync", timeout_s)
+        return max(nbytes for nbytes, _ in sent)
+
+    def release_engines(self) -> None:
+        """With rollout.sleep, the engines free their GPU memory until the next weight sync."""
+        if self.cfg.rollout.sleep:
+            self._wait_roles({"rollout_sleep": self.rollout.call("sleep")}, "engine sleep")
 
     def _with_engines(self, call):
         """call(), which uses the engines. An engine that died (killed, out of memory) is started

@@ -7,7 +7,11 @@ named HF tensors and stream them into vLLM's in-place reload. Two transports:
   lives beside the trainers' DeepSpeed group and vLLM's own group without touching either;
 - shared memory (CPU, engines on the trainer's node): rank 0 copies the buckets into one file in
   /dev/shm that every engine worker has mapped, and the engines load straight from the mapping,
-  so the bytes are copied once on each side and never pass through a socket.
+  so the bytes are copied once on each side and never pass through a socket;
+- CUDA IPC (GPU, each engine on the GPU of an actor rank, as when they are colocated): for each
+  sync, every such rank copies the buckets into one buffer on its GPU, laid out as the shared
+  memory file is, and the engines on that GPU load from it through a CUDA IPC handle, so the
+  bytes never leave the device (NCCL cannot join two processes on one GPU).
 """
 
 from __future__ import annotations
@@ -164,6 +168,37 @@ def shared_weights(shared: torch.Tensor, plan: list[list[ParamSpec]]) -> Iterato
                        strict=True)
 
 
+def cuda_ipc_handle(buffer: torch.Tensor) -> tuple[str, tuple]:
+    """What another process on the same GPU needs to map `buffer`: the GPU's UUID (device
+    indices differ between processes) and torch's IPC description of the allocation."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(buffer)
+    return str(torch.cuda.get_device_properties(buffer.device).uuid), args
+
+
+def open_cuda_ipc(handle: tuple[str, tuple]) -> torch.Tensor:
+    """The buffer of `cuda_ipc_handle`, mapped into this process on the same physical GPU."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    uuid, args = handle
+    local = [i for i in range(torch.cuda.device_count())
+             if str(torch.cuda.get_device_properties(i).uuid) == uuid]
+    if not local:
+        raise RuntimeError(f"weight sync by CUDA IPC: GPU {uuid} is not visible to this engine")
+    args = list(args)
+    args[6] = local[0]  # reduce_tensor's device index is the sender's
+    return rebuild_cuda_tensor(*args)
+
+
+def ipc_senders(actor_devices: list[tuple], engine_devices: list[tuple]) -> list[int] | None:
+    """For each engine, the actor rank on its GPU (its CUDA IPC sender), or None unless every
+    engine has one GPU that an actor rank uses. A device is (node id, GPU ids)."""
+    ranks = {device: rank for rank, device in reversed(list(enumerate(actor_devices))) if len(device[1]) == 1}
+    senders = [ranks.get(device) for device in engine_devices]
+    return None if None in senders else senders
+
+
 # The functions below run inside each vLLM worker through `LLM.collective_rpc`, so that
 # with tensor parallelism every worker process joins the group and loads its own shard.
 
@@ -177,7 +212,12 @@ def engine_map(worker, path: str, size: int) -> None:
     worker.rayrlhf_shared = map_shared_file(path, size)
 
 
-def engine_receive(worker, plan: list[list[ParamSpec]]) -> None:
+def engine_receive(worker, plan: list[list[ParamSpec]], ipc_handle: tuple | None = None) -> None:
+    if ipc_handle is not None:
+        buffer = open_cuda_ipc(ipc_handle)
+        worker.reload_weights(weights_iterator=shared_weights(buffer, plan))
+        torch.cuda.synchronize()  # every copy out of the buffer is done before its owner frees it
+        return
     shared = getattr(worker, "rayrlhf_shared", None)
     if shared is not None:
         weights = shared_weights(shared, plan)

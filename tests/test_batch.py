@@ -47,6 +47,15 @@ def test_shared_memory_file_carries_every_weight_of_mixed_dtypes(tmp_path):
         assert reader[name].dtype == param.dtype and torch.equal(reader[name], param.data), name
 
 
+def test_cuda_ipc_pairs_each_engine_with_the_actor_rank_on_its_gpu():
+    actors = [("node-a", ("0",)), ("node-a", ("1",)), ("node-b", ("0",))]
+    assert weight_sync.ipc_senders(actors, [("node-a", ("1",)), ("node-b", ("0",))]) == [1, 2]
+    # An engine on a GPU no actor rank uses, or on two GPUs, rules CUDA IPC out.
+    assert weight_sync.ipc_senders(actors, [("node-a", ("0",)), ("node-b", ("1",))]) is None
+    assert weight_sync.ipc_senders(actors, [("node-a", ("0", "1"))]) is None
+    assert weight_sync.ipc_senders([("node-a", ())], [("node-a", ())]) is None  # no GPUs at all
+
+
 def test_first_fit_and_balanced_groups():
     assert first_fit([5, 3, 4, 2, 6], capacity=8) == [[4, 3], [0, 1], [2]]
     assert first_fit([9, 1], capacity=8) == [[0], [1]]  # too long for a row: alone
@@ -56,17 +65,31 @@ def test_first_fit_and_balanced_groups():
 
 
 def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_reward_model):
-    """Packing changes where tokens sit, never what each response token is scored with."""
+    """Packing changes where tokens sit, never what each response token is scored with; sharing
+    a prompt among its responses computes it once."""
     from rayrlhf.modeling import load_causal_lm, load_scalar_model, policy_logprobs, token_values
 
-    batch = build_batch([[5, 6, 7, 8, 9], [8], [10, 11]], [[1, 2], [3, 4, 9, 12], []], pad_id=0)
+    # Samples 0, 2 and 4 answer one prompt, 1 and 3 another (a group of two, one empty response).
+    prompts = [[5, 6, 7, 8, 9], [8], [5, 6, 7, 8, 9], [8], [5, 6, 7, 8, 9], [10, 11]]
+    responses = [[1, 2], [3, 4, 9, 12], [13, 14, 15], [], [16], [17, 18]]
+    batch = build_batch(prompts, responses, pad_id=0)
     packed = pack_rows(batch)
-    assert packed.input_ids.shape == (2, 7)  # 7 + (1 + 4 | 2 + 0): two rows as wide as the longest
-    assert packed.segment_ids.tolist() == [[1] * 7, [1, 1, 1, 1, 1, 2, 2]]
+    assert packed.input_ids.shape == (5, 8)  # rows as wide as the longest sample (5 + 3)
+    assert packed.segment_ids.tolist()[0] == [1] * 8 and packed.sample_ids.tolist()[0] == [0] * 5 + [1] * 3
+    shared = pack_rows(batch, share_prompts=True)
+    assert shared.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 13, 14, 15, 16],
+                                         [8, 3, 4, 9, 12, 10, 11, 17, 18, 0, 0]]
+    assert shared.sample_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 3],
+                                          [0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0]]
+    assert shared.position_ids.tolist()[0] == [0, 1, 2, 3, 4, 5, 6, 5, 6, 7, 5]
+    assert shared.segment_ids.tolist()[1] == [1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]
+    # The first token of every response to the first prompt is scored at the prompt's last token.
+    assert shared.cols[[0, 2, 4], 0].tolist() == [4, 4, 4] and shared.cols[2, 1:3].tolist() == [7, 8]
     policy, critic = load_causal_lm(tiny_policy, "float32"), load_scalar_model(tiny_reward_model, "float32")
     with torch.no_grad():
-        pairs = [(policy_logprobs(policy, batch, 0.7), policy_logprobs(policy, batch, 0.7, packed=True)),
-                 (token_values(critic, batch), token_values(critic, batch, packed=True))]
-    for unpacked, repacked in pairs:
+        outputs = [(policy_logprobs(policy, batch, 0.7, packing), token_values(critic, batch, packing))
+                   for packing in ("none", "samples", "prompts")]
+    for kind, (logprobs, values) in zip(("samples", "prompts"), outputs[1:], strict=True):
         for row, length in enumerate(batch["response_lengths"].tolist()):
-            assert torch.allclose(unpacked[row, :length], repacked[row, :length], atol=1e-5), row
+            assert torch.allclose(outputs[0][0][row, :length], logprobs[row, :length], atol=1e-5), (kind, row)
+            assert torch.allclose(outputs[0][1][row, :length], values[row, :length], atol=1e-5), (kind, row)
