@@ -2,6 +2,9 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,21 @@ def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_pol
     assert json.loads((tmp_path / "bench.json").read_text())["points"][0]["point"] == "base"
     assert [r["point"] for r in csv.DictReader((tmp_path / "bench.csv").open())] == ["base"]
     assert Path(tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_train_layouts_benchmark_times_each_layout_on_one_trainer(tmp_path, tiny_policy):
+    """benchmarks/train_layouts.py: the layouts of one GRPO batch on a real DeepSpeed rank;
+    sharing prompts computes fewer positions than packing, which computes fewer than padding."""
+    out = tmp_path / "layouts.json"
+    overrides = [f"model.path={tiny_policy}", "model.build_tiny=false", "trainer.prompts_per_step=4",
+                 "algorithm.train_batch_size=16", "actor.micro_batch_size=16"]
+    subprocess.run([sys.executable, "benchmarks/train_layouts.py", "--config", "conf/bench_cpu.yaml",
+                    "--rounds", "2", "--output", str(out), *overrides],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "."})
+    result = json.loads(out.read_text())
+    positions = result["positions_per_batch"]
+    assert positions["shared"] < positions["packed"] < positions["padded"]
+    assert set(result["train_seconds_median"]) == {"padded", "packed", "shared", "shared+checkpointing"}
+    assert all(seconds > 0 for seconds in result["train_seconds_median"].values())
+    assert result["train_ratio_to_padded"]["padded"] == 1.0
+    assert all(seconds > 0 for seconds in result["optimizer_step"].values())

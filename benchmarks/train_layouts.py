@@ -1,0 +1,148 @@
+"""The PPO train stage under each batch layout, interleaved in one process so that they share
+the machine's state (a shared 2-core VM drifts by tens of percent within minutes, which
+separate runs cannot tell from a real difference).
+
+One real DeepSpeed actor rank (`rayrlhf.trainer.TrainerWorker`, gloo with one rank, no Ray)
+trains on GRPO-shaped batches of the config: `trainer.prompts_per_step` prompts of the task,
+each with `rollout.n` responses of random tokens and random lengths in
+[max_new_tokens / 2, max_new_tokens]. Round after round, the same batch is trained on in each
+layout in turn:
+- padded: prompts left-padded, responses right-padded (`actor.packing=false`);
+- packed: samples end to end in rows (`actor.packing=true actor.share_prompts=false`);
+- shared: packed, one copy of each prompt for its `rollout.n` responses (the default);
+- shared+checkpointing: the same with gradient checkpointing (activations recomputed in the
+  backward pass, for memory).
+It also times the optimizer step with and without DeepSpeed's all-reduce (one rank has nothing
+to reduce) and torch's multi-tensor against its fused AdamW, on the model's parameters.
+Reports median seconds per layout and the ratios to padded.
+
+    PYTHONPATH=. python benchmarks/train_layouts.py --config conf/bench_cpu.yaml --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# name: (actor.packing, actor.share_prompts, gradient checkpointing)
+LAYOUTS = {"padded": (False, False, False), "packed": (True, False, False), "shared": (True, True, False),
+           "shared+checkpointing": (True, True, True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--output", default="", help="JSON file for the result")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args()
+    if args.rounds < 2:
+        sys.exit("train_layouts.py: error: --rounds must be >= 2 (the first is a warm-up)")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    from rayrlhf.algorithms import response_mask
+    from rayrlhf.batch import build_batch
+    from rayrlhf.config import load_config
+    from rayrlhf.data import load_prompts
+    from rayrlhf.driver import prepare_models
+    from rayrlhf.trainer import TrainerWorker
+
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(cfg.ray.threads_per_actor)
+    tokenizer = prepare_models(cfg)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.seed)
+    rng = random.Random(cfg.seed)
+    n, longest = cfg.rollout.n, cfg.rollout.max_new_tokens
+
+    def grpo_batch():
+        chosen = rng.sample(prompts, cfg.trainer.prompts_per_step)
+        prompt_ids = [p.token_ids for p in chosen for _ in range(n)]
+        responses = [[rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(longest // 2, longest))]
+                     for _ in prompt_ids]
+        batch = build_batch(prompt_ids, responses, tokenizer.pad_token_id)
+        batch["mask"] = response_mask(batch["sequences"][:, batch.prompt_len:], batch["response_lengths"])
+        batch["engine_logprobs"] = -torch.rand(batch["mask"].shape)
+        batch["advantages"] = torch.randn(batch["mask"].shape)
+        return batch
+
+    worker = TrainerWorker("actor", 0, 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    samples = cfg.trainer.prompts_per_step * n
+    worker.setup("127.0.0.1", port, cfg.model.path, cfg.actor, samples, cfg.model.dtype, cfg.seed,
+                 cfg.algorithm, cfg.rollout.temperature, longest)
+    seconds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    for round_index in range(args.rounds):
+        batch = grpo_batch()
+        for name, (packing, share, checkpointing) in LAYOUTS.items():
+            worker.cfg.packing, worker.cfg.share_prompts = packing, share
+            if checkpointing:
+                worker.module.gradient_checkpointing_enable()
+            else:
+                worker.module.gradient_checkpointing_disable()
+            begin = time.perf_counter()
+            worker.train(batch, seed=round_index, kl_coef=0.0)
+            if round_index:  # the first round warms up every layout
+                seconds[name].append(time.perf_counter() - begin)
+        print(f"round {round_index + 1}/{args.rounds}", flush=True)
+
+    mask = batch["attention_mask"]
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    result = {"config": args.config, "samples": samples, "rounds_timed": args.rounds - 1,
+              "positions_per_batch": {"padded": mask.numel(), "packed": int(mask.sum()),
+                                      "shared": int(mask.sum()) - sum(
+                                          int(mask[i * n, :batch.prompt_len].sum()) * (n - 1)
+                                          for i in range(cfg.trainer.prompts_per_step))},
+              "layouts": {name: dict(zip(("packing", "share_prompts", "gradient_checkpointing"), flags,
+                                         strict=True)) for name, flags in LAYOUTS.items()},
+              "train_seconds_median": median,
+              "train_ratio_to_padded": {name: m / median["padded"] for name, m in median.items()},
+              "optimizer_step": optimizer_steps(worker, args.rounds)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+
+
+def optimizer_steps(worker, rounds: int) -> dict[str, float]:
+    """Median seconds of one optimizer step: DeepSpeed's step with and without its all-reduce,
+    and torch's AdamW multi-tensor against fused, alternating, on gradients of the model's size."""
+    import torch
+
+    params = [p for p in worker.module.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    times: dict[str, list[float]] = {"deepspeed_step_with_allreduce": [], "deepspeed_step": [],
+                                     "adamw_foreach": [], "adamw_fused": []}
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for grad, c in zip(grads, copies, strict=True):
+        c.grad = grad.clone()
+    optimizers = {"adamw_foreach": torch.optim.AdamW(copies, lr=1e-6, foreach=True),
+                  "adamw_fused": torch.optim.AdamW(copies, lr=1e-6, fused=True)}
+    reduce = worker.engine.enable_backward_allreduce
+    for _ in range(rounds):
+        for name, allreduce in (("deepspeed_step_with_allreduce", True), ("deepspeed_step", False)):
+            worker.engine.enable_backward_allreduce = allreduce
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.clone()  # DeepSpeed's step clears them
+            begin = time.perf_counter()
+            worker.engine.step()
+            times[name].append(time.perf_counter() - begin)
+        for name, optimizer in optimizers.items():
+            begin = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - begin)
+    worker.engine.enable_backward_allreduce = reduce
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
+
+
+if __name__ == "__main__":
+    main()
