@@ -49,7 +49,7 @@ def main() -> None:
     import torch
 
     from rayrlhf.algorithms import response_mask
-    from rayrlhf.batch import build_batch
+    from rayrlhf.batch import build_batch, prompt_groups, segment_sizes
     from rayrlhf.config import load_config
     from rayrlhf.data import load_prompts
     from rayrlhf.driver import prepare_models
@@ -99,9 +99,7 @@ def main() -> None:
     median = {name: statistics.median(times) for name, times in seconds.items()}
     result = {"config": args.config, "samples": samples, "rounds_timed": args.rounds - 1,
               "positions_per_batch": {"padded": mask.numel(), "packed": int(mask.sum()),
-                                      "shared": int(mask.sum()) - sum(
-                                          int(mask[i * n, :batch.prompt_len].sum()) * (n - 1)
-                                          for i in range(cfg.trainer.prompts_per_step))},
+                                      "shared": sum(segment_sizes(batch, prompt_groups(batch)))},
               "layouts": {name: dict(zip(("packing", "share_prompts", "gradient_checkpointing"), flags,
                                          strict=True)) for name, flags in LAYOUTS.items()},
               "train_seconds_median": median,
