@@ -11,7 +11,9 @@ layout in turn:
 - packed: samples end to end in rows (`actor.packing=true actor.share_prompts=false`);
 - shared: packed, one copy of each prompt for its `rollout.n` responses (the default);
 - shared+checkpointing: the same with gradient checkpointing (activations recomputed in the
-  backward pass, for memory).
+  backward pass, for memory);
+- shared+torch_linear: shared, with the linear layers on torch's own fp32 GEMMs (BLAS) instead
+  of oneDNN (`rayrlhf.onednn`, the default on x86 CPUs).
 It also times the optimizer step with and without DeepSpeed's all-reduce (one rank has nothing
 to reduce) and torch's multi-tensor against its fused AdamW, on the model's parameters.
 Reports median seconds per layout and the ratios to padded.
@@ -31,9 +33,11 @@ import sys
 import time
 from pathlib import Path
 
-# name: (actor.packing, actor.share_prompts, gradient checkpointing)
-LAYOUTS = {"padded": (False, False, False), "packed": (True, False, False), "shared": (True, True, False),
-           "shared+checkpointing": (True, True, True)}
+LAYOUT_FLAGS = ("packing", "share_prompts", "gradient_checkpointing", "onednn_linear")
+# name: flags, as LAYOUT_FLAGS names them
+LAYOUTS = {"padded": (False, False, False, True), "packed": (True, False, False, True),
+           "shared": (True, True, False, True), "shared+checkpointing": (True, True, True, True),
+           "shared+torch_linear": (True, True, False, False)}
 
 
 def main() -> None:
@@ -53,6 +57,7 @@ def main() -> None:
     from rayrlhf.config import load_config
     from rayrlhf.data import load_prompts
     from rayrlhf.driver import prepare_models
+    from rayrlhf.onednn import use_onednn_linear
     from rayrlhf.trainer import TrainerWorker
 
     cfg = load_config(args.config, args.overrides)
@@ -83,8 +88,9 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for round_index in range(args.rounds):
         batch = grpo_batch()
-        for name, (packing, share, checkpointing) in LAYOUTS.items():
+        for name, (packing, share, checkpointing, onednn) in LAYOUTS.items():
             worker.cfg.packing, worker.cfg.share_prompts = packing, share
+            use_onednn_linear(worker.module, onednn)
             if checkpointing:
                 worker.module.gradient_checkpointing_enable()
             else:
@@ -100,8 +106,8 @@ def main() -> None:
     result = {"config": args.config, "samples": samples, "rounds_timed": args.rounds - 1,
               "positions_per_batch": {"padded": mask.numel(), "packed": int(mask.sum()),
                                       "shared": sum(segment_sizes(batch, prompt_groups(batch)))},
-              "layouts": {name: dict(zip(("packing", "share_prompts", "gradient_checkpointing"), flags,
-                                         strict=True)) for name, flags in LAYOUTS.items()},
+              "layouts": {name: dict(zip(LAYOUT_FLAGS, flags, strict=True))
+                          for name, flags in LAYOUTS.items()},
               "train_seconds_median": median,
               "train_ratio_to_padded": {name: m / median["padded"] for name, m in median.items()},
               "optimizer_step": optimizer_steps(worker, args.rounds)}

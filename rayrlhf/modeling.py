@@ -8,6 +8,7 @@ from rayrlhf.algorithms import entropy_from_logits, token_logprobs
 from rayrlhf.batch import Batch, pack_rows, position_ids
 from rayrlhf.errors import ModelError
 from rayrlhf.lora import plain_model
+from rayrlhf.onednn import use_onednn_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -15,7 +16,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_causal_lm(path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    use_onednn_linear(model)  # the faster fp32 GEMMs while on CPU (see rayrlhf.onednn)
+    return model
 
 
 def load_scalar_model(path: str, dtype: str):
@@ -25,7 +28,9 @@ def load_scalar_model(path: str, dtype: str):
     """
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    use_onednn_linear(model)
+    return model
 
 
 def check_model_path(key: str, path: str, tokenizer: bool = False) -> None:

@@ -24,6 +24,7 @@ from rayrlhf.modeling import (
     to_device,
     token_values,
 )
+from rayrlhf.onednn import use_onednn_linear
 
 # Roles whose model is a causal LM; the others (critic, reward model) have a scalar head.
 CAUSAL_ROLES = ("actor", "sft")
@@ -104,6 +105,7 @@ class TrainerWorker:
             model = apply_lora(model, role_cfg.lora, scalar_head)
             if role_cfg.gradient_checkpointing:
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+            use_onednn_linear(model)  # LoRA's own layers too
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds_config)
         if self.world_size == 1 and role_cfg.zero_stage == 0:

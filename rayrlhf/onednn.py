@@ -1,0 +1,68 @@
+"""fp32 linear layers through oneDNN on x86 CPUs, for the models we train and score with.
+
+On CPU, torch runs fp32 matmuls through its BLAS (MKL), which takes its AVX2 code path on AMD
+CPUs; oneDNN, which vLLM's CPU backend uses too, runs AVX-512 there: about twice the GEMM
+throughput on the 2-core AMD machines this project is tested on (benchmarks/train_layouts.py
+measures both in one process). The forward GEMM and both backward GEMMs go through oneDNN, in
+fp32. Every other call (GPU, bf16, autocast, ZeRO-3 partitioned weights) is torch's own.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def available() -> bool:
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias by oneDNN (strided operands are read in place)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.with_bias = bias is not None
+        return _linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _linear(grad_2d, weight.t()).view(x.shape)  # dY W
+        if ctx.needs_input_grad[1]:
+            grad_weight = _linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t())  # dY^T X
+        if ctx.with_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """nn.Linear whose fp32 CPU calls run on oneDNN; the same parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and x.dim() >= 2
+                and x.numel() and not hasattr(self.weight, "ds_id")  # a ZeRO-3 partition
+                and not torch.is_autocast_enabled("cpu")):
+            return _LinearFunction.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_onednn_linear(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Makes every plain nn.Linear of `model` a OneDNNLinear (back, when not `enabled`) where
+    oneDNN is available; returns how many layers were switched."""
+    if not available():
+        return 0
+    source, target = (torch.nn.Linear, OneDNNLinear) if enabled else (OneDNNLinear, torch.nn.Linear)
+    switched = [m for m in model.modules() if type(m) is source]
+    for module in switched:
+        module.__class__ = target
+    return len(switched)

@@ -1,0 +1,69 @@
+"""fp32 linear layers through oneDNN: the same outputs and gradients as torch's own linear."""
+
+import pytest
+import torch
+
+from rayrlhf.onednn import OneDNNLinear, available, use_onednn_linear
+
+pytestmark = pytest.mark.skipif(not available(), reason="oneDNN linear needs an x86 CPU build of torch")
+
+
+def _grads(layer: torch.nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x = x.detach().requires_grad_(x.requires_grad)
+    out = layer(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = tuple(t.grad for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad)
+    layer.zero_grad(set_to_none=True)
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_backward_match_torch_linear(bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 24, bias=bias)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    expected = _grads(layer, x)
+    assert use_onednn_linear(layer) == 1 and type(layer) is OneDNNLinear
+    got = _grads(layer, x)
+    assert len(got) == len(expected) == (4 if bias else 3)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_weight_and_input_get_no_gradient():
+    layer = torch.nn.Linear(16, 8)
+    use_onednn_linear(layer)
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(5, 16)).sum().backward()
+    assert layer.weight.grad is None
+    torch.testing.assert_close(layer.bias.grad, torch.full((8,), 5.0))
+
+
+def test_bfloat16_and_switching_back_use_torch_linear():
+    layer = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    use_onednn_linear(layer)
+    assert torch.equal(layer(x), expected)
+    assert use_onednn_linear(layer, enabled=False) == 1 and type(layer) is torch.nn.Linear
+
+
+def test_loaded_models_train_as_with_torch_linear(tiny_policy, tiny_reward_model):
+    from rayrlhf.modeling import load_causal_lm, load_scalar_model
+
+    ids = torch.randint(3, 50, (2, 12))
+    for model, read in ((load_causal_lm(tiny_policy, "float32"), lambda out: out.logits),
+                        (load_scalar_model(tiny_reward_model, "float32"), lambda out: out.logits)):
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(type(m) is OneDNNLinear for m in linears)
+        results = []
+        for enabled in (True, False):
+            use_onednn_linear(model, enabled)
+            model.zero_grad(set_to_none=True)
+            out = read(model(input_ids=ids))
+            (out.float() ** 2).mean().backward()
+            results.append((out.detach(), [p.grad for p in model.parameters()]))
+        (onednn_out, onednn_grads), (torch_out, torch_grads) = results
+        torch.testing.assert_close(onednn_out, torch_out, rtol=1e-4, atol=1e-5)
+        for g, e in zip(onednn_grads, torch_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-6)
