@@ -1,10 +1,11 @@
 """fp32 linear layers through oneDNN on x86 CPUs, for the models we train and score with.
 
-On CPU, torch runs fp32 matmuls through its BLAS (MKL), which takes its AVX2 code path on AMD
-CPUs; oneDNN, which vLLM's CPU backend uses too, runs AVX-512 there: about twice the GEMM
-throughput on the 2-core AMD machines this project is tested on (benchmarks/train_layouts.py
-measures both in one process). The forward GEMM and both backward GEMMs go through oneDNN, in
-fp32. Every other call (GPU, bf16, autocast, ZeRO-3 partitioned weights) is torch's own.
+On CPU, torch runs fp32 matmuls through its BLAS (MKL), which on the AMD EPYC machines this
+project is tested on runs no faster than its AVX2 code path; oneDNN, which vLLM's CPU backend
+uses too, runs AVX-512 there: about twice the GEMM throughput (benchmarks/train_layouts.py
+measures both in one process). Intel CPUs, where MKL runs AVX-512 too, gain less. The forward
+GEMM and both backward GEMMs go through oneDNN, in fp32. Every other call (GPU, bf16, autocast,
+ZeRO-3 partitioned weights) is torch's own.
 """
 
 from __future__ import annotations

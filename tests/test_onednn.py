@@ -52,15 +52,14 @@ def test_loaded_models_train_as_with_torch_linear(tiny_policy, tiny_reward_model
     from rayrlhf.modeling import load_causal_lm, load_scalar_model
 
     ids = torch.randint(3, 50, (2, 12))
-    for model, read in ((load_causal_lm(tiny_policy, "float32"), lambda out: out.logits),
-                        (load_scalar_model(tiny_reward_model, "float32"), lambda out: out.logits)):
+    for model in (load_causal_lm(tiny_policy, "float32"), load_scalar_model(tiny_reward_model, "float32")):
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(type(m) is OneDNNLinear for m in linears)
         results = []
         for enabled in (True, False):
             use_onednn_linear(model, enabled)
             model.zero_grad(set_to_none=True)
-            out = read(model(input_ids=ids))
+            out = model(input_ids=ids).logits
             (out.float() ** 2).mean().backward()
             results.append((out.detach(), [p.grad for p in model.parameters()]))
         (onednn_out, onednn_grads), (torch_out, torch_grads) = results
