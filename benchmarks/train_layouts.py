@@ -83,7 +83,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     samples = cfg.trainer.prompts_per_step * n
-    worker.setup("127.0.0.1", port, cfg.model.path, cfg.actor, samples, cfg.model.dtype, cfg.seed,
+    worker.setup("127.0.0.1", port, cfg.model.path, cfg.actor, samples, cfg.model, cfg.seed,
                  cfg.algorithm, cfg.rollout.temperature, longest)
     seconds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for round_index in range(args.rounds):

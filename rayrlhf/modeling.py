@@ -8,7 +8,6 @@ from rayrlhf.algorithms import entropy_from_logits, token_logprobs
 from rayrlhf.batch import Batch, pack_rows, position_ids
 from rayrlhf.errors import ModelError
 from rayrlhf.lora import plain_model
-from rayrlhf.onednn import use_onednn_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,9 +15,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_causal_lm(path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    use_onednn_linear(model)  # the faster fp32 GEMMs while on CPU (see rayrlhf.onednn)
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
 
 
 def load_scalar_model(path: str, dtype: str):
@@ -28,9 +25,7 @@ def load_scalar_model(path: str, dtype: str):
     """
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
-    use_onednn_linear(model)
-    return model
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
 
 
 def check_model_path(key: str, path: str, tokenizer: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""fp32 linear layers through oneDNN on x86 CPUs, for the models we train and score with.
+"""fp32 linear layers through oneDNN on x86 CPUs, for the models we train and score with
+(`model.onednn_linear`, on by default).
 
 On CPU, torch runs fp32 matmuls through its BLAS (MKL), which on the AMD EPYC machines this
 project is tested on runs no faster than its AVX2 code path; oneDNN, which vLLM's CPU backend

@@ -13,16 +13,24 @@ from rayrlhf.modeling import (
     policy_logprobs,
     sequence_scores,
 )
+from rayrlhf.onednn import use_onednn_linear
 from rayrlhf.reward_server import RemoteRewardClient
 from rayrlhf.rewards import load_reward_function
+
+
+def _scoring_model(model, model_cfg, device):
+    """A frozen model, in eval mode on `device`, its linear layers on the configured backend."""
+    if model_cfg.onednn_linear:
+        use_onednn_linear(model)
+    return model.to(device).eval()
 
 
 class ReferenceWorker:
     """log pi_ref of the sampled tokens, under the rollout temperature."""
 
-    def __init__(self, model_path: str, dtype: str, micro_batch_size: int, temperature: float):
+    def __init__(self, model_path: str, model_cfg, micro_batch_size: int, temperature: float):
         self.device = default_device()
-        self.model = load_causal_lm(model_path, dtype).to(self.device).eval()
+        self.model = _scoring_model(load_causal_lm(model_path, model_cfg.dtype), model_cfg, self.device)
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
 
@@ -39,11 +47,12 @@ class RewardWorker:
     as NaN with the reason, so the driver can stop naming it or drop it.
     """
 
-    def __init__(self, reward_cfg, dtype: str):
+    def __init__(self, reward_cfg, model_cfg):
         self.device = default_device()
         self.cfg = reward_cfg
         self.function = load_reward_function(reward_cfg.function) if reward_cfg.function else None
-        self.models = [(spec.path, spec.weight, load_scalar_model(spec.path, dtype).to(self.device).eval())
+        self.models = [(spec.path, spec.weight,
+                        _scoring_model(load_scalar_model(spec.path, model_cfg.dtype), model_cfg, self.device))
                        for spec in reward_cfg.models]
         self.remotes = [(spec.url, spec.weight, RemoteRewardClient(
             spec.url, spec.token, reward_cfg.remote_timeout_s, reward_cfg.remote_retries))

@@ -119,7 +119,7 @@ def trainer_group(role: str, role_cfg, model_path: str, train_batch_size: int, c
     try:
         master_addr, master_port = wait(group.actors[0].address.remote(), f"{role} rendezvous", timeout_s)
         wait(group.call("setup", master_addr, master_port, model_path, role_cfg, train_batch_size,
-                        cfg.model.dtype, cfg.seed, **setup_kwargs), f"{role} set-up", timeout_s)
+                        cfg.model, cfg.seed, **setup_kwargs), f"{role} set-up", timeout_s)
     except BaseException:
         group.shutdown()
         raise
@@ -152,11 +152,11 @@ class RLHFSystem:
                 ref = cfg.reference
                 self.reference = self._group("reference", ReferenceWorker, ref.num_workers,
                                              ref.cpus_per_worker, ref.gpus_per_worker, lambda i: (
-                                                 model_path, cfg.model.dtype, ref.micro_batch_size,
+                                                 model_path, cfg.model, ref.micro_batch_size,
                                                  r.temperature))
             rw = cfg.reward
             self.reward = self._group("reward", RewardWorker, rw.num_workers, rw.cpus_per_worker,
-                                      rw.gpus_per_worker, lambda i: (rw, cfg.model.dtype))
+                                      rw.gpus_per_worker, lambda i: (rw, cfg.model))
             self.actor = self._trainer_group("actor", model_path)
             self.critic = None
             if "critic" in roles:

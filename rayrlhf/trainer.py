@@ -79,8 +79,9 @@ class TrainerWorker:
         return node_address()
 
     def setup(self, master_addr: str, master_port: int, model_path: str, role_cfg, train_batch_size: int,
-              dtype: str, seed: int, algo_cfg=None, temperature: float = 1.0, norm_len: int = 1) -> None:
-        """`train_batch_size` samples make one optimizer step over all ranks; `algo_cfg`,
+              model_cfg, seed: int, algo_cfg=None, temperature: float = 1.0, norm_len: int = 1) -> None:
+        """`train_batch_size` samples make one optimizer step over all ranks; `model_cfg` gives
+        the dtype and the linear layers' backend; `algo_cfg`,
         `temperature` and `norm_len` (the PPO loss settings) matter to the actor and critic."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
@@ -91,6 +92,7 @@ class TrainerWorker:
         deepspeed.init_distributed(dist_backend=self.backend)
         torch.manual_seed(seed)
         self.cfg, self.algo, self.temperature, self.norm_len = role_cfg, algo_cfg, temperature, norm_len
+        dtype = model_cfg.dtype
         ds_config = deepspeed_config(role_cfg, train_batch_size, self.world_size, dtype)
         if role_cfg.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
@@ -105,7 +107,8 @@ class TrainerWorker:
             model = apply_lora(model, role_cfg.lora, scalar_head)
             if role_cfg.gradient_checkpointing:
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
-            use_onednn_linear(model)  # LoRA's own layers too
+        if model_cfg.onednn_linear:
+            use_onednn_linear(model)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds_config)
         if self.world_size == 1 and role_cfg.zero_stage == 0:

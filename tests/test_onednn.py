@@ -48,13 +48,12 @@ def test_bfloat16_and_switching_back_use_torch_linear():
     assert use_onednn_linear(layer, enabled=False) == 1 and type(layer) is torch.nn.Linear
 
 
-def test_loaded_models_train_as_with_torch_linear(tiny_policy, tiny_reward_model):
+def test_models_train_as_with_torch_linear(tiny_policy, tiny_reward_model):
     from rayrlhf.modeling import load_causal_lm, load_scalar_model
 
     ids = torch.randint(3, 50, (2, 12))
     for model in (load_causal_lm(tiny_policy, "float32"), load_scalar_model(tiny_reward_model, "float32")):
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        assert linears and all(type(m) is OneDNNLinear for m in linears)
+        assert use_onednn_linear(model) == len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])
         results = []
         for enabled in (True, False):
             use_onednn_linear(model, enabled)
@@ -66,3 +65,14 @@ def test_loaded_models_train_as_with_torch_linear(tiny_policy, tiny_reward_model
         torch.testing.assert_close(onednn_out, torch_out, rtol=1e-4, atol=1e-5)
         for g, e in zip(onednn_grads, torch_grads, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_model_onednn_linear_picks_the_backend_of_the_scoring_models(tiny_policy, enabled):
+    from rayrlhf.config import load_config
+    from rayrlhf.scorers import ReferenceWorker
+
+    cfg = load_config("conf/tiny_ppo.yaml", [f"model.onednn_linear={str(enabled).lower()}"])
+    reference = ReferenceWorker(tiny_policy, cfg.model, micro_batch_size=4, temperature=1.0)
+    kinds = {type(m) for m in reference.model.modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == ({OneDNNLinear} if enabled else {torch.nn.Linear})

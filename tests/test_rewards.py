@@ -47,7 +47,8 @@ def reward_file(tmp_path_factory):
 
 
 def worker(*overrides):
-    return RewardWorker(load_config("conf/tiny_ppo.yaml", list(overrides)).reward, "float32")
+    cfg = load_config("conf/tiny_ppo.yaml", list(overrides))
+    return RewardWorker(cfg.reward, cfg.model)
 
 
 def batch_of(tokenizer):
