@@ -31,7 +31,8 @@ class ModelConfig:
     tiny_layers: int = 2
     dtype: str = "float32"
     # On x86 CPUs, the fp32 linear layers of the trained and scoring models run on oneDNN, not
-    # torch's BLAS (rayrlhf/onednn.py: about 2x faster products on AMD CPUs); false keeps torch's.
+    # torch's BLAS (rayrlhf/onednn.py: about 2x the products on the AMD EPYC measured); false keeps
+    # torch's.
     onednn_linear: bool = True
 
 
