@@ -225,4 +225,55 @@ def engine_receive(worker, plan: list[list[ParamSpec]], ipc_handle: tuple | None
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         weights = receive_buckets(worker.rayrlhf_sync_group, plan, device)
-    worker.reload_weights(weights_iterator=weights)
+    if not load_in_place(worker, weights):
+        worker.reload_weights(weights_iterator=weights)
+
+
+# In-place loading on CPU. vLLM's CPU backend packs each linear layer's weight into oneDNN's
+# blocked layout and drops the plain tensor, so a new weight can only come in through its
+# layer-by-layer reload: every layer's tensors allocated afresh, loaded, re-packed, copied back
+# (most of a sync's time). An engine started after `keep_plain_linear_weights`
+# keeps the plain weights (their memory once more), so a sync loads into them with the model's
+# own `load_weights` and re-packs each layer with vLLM's own packing: the same result, without
+# the allocations and the bookkeeping.
+
+def keep_plain_linear_weights() -> None:
+    """Makes vLLM's CPU linear-layer packing keep each plain weight (call before the engine
+    loads its model, in the process that loads it)."""
+    from vllm.model_executor.layers import utils
+
+    pack = utils.dispatch_cpu_unquantized_gemm
+    if hasattr(pack, "original"):
+        return
+
+    def pack_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        pack(layer, remove_weight=False)
+        # A 3-D (convolution) weight is packed in place, so it cannot be loaded into again.
+        layer.rayrlhf_repack = layer.weight.dim() == 2 and not layer.weight.is_meta
+
+    pack_keeping_weight.original = pack
+    utils.dispatch_cpu_unquantized_gemm = pack_keeping_weight
+
+
+def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:
+    """Loads `weights` into the kept plain weights and re-packs every packed layer. Returns
+    False, having read nothing, where vLLM's reload is needed instead: an engine that did not
+    keep its plain weights (GPU engines, or worker processes of their own), a quantized model,
+    or layers whose loaded weights vLLM transforms in other ways."""
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    pack = getattr(utils.dispatch_cpu_unquantized_gemm, "original", None)
+    model = worker.get_model()
+    modules = list(model.modules())
+    plain_methods = (type(None), UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
+    if (pack is None or worker.model_config.quantization is not None
+            or not all(type(getattr(m, "quant_method", None)) in plain_methods for m in modules)
+            or not all(getattr(m, "rayrlhf_repack", True) for m in modules)):
+        return False
+    model.load_weights(weights)
+    for layer in modules:
+        if hasattr(layer, "rayrlhf_repack"):
+            pack(layer, remove_weight=False)
+    return True
