@@ -12,8 +12,9 @@ layout in turn:
 - shared: packed, one copy of each prompt for its `rollout.n` responses (the default);
 - shared+checkpointing: the same with gradient checkpointing (activations recomputed in the
   backward pass, for memory);
-- shared+torch_linear: shared, with the linear layers on torch's own fp32 GEMMs (BLAS) instead
-  of oneDNN (`rayrlhf.onednn`, the default on x86 CPUs).
+- shared+onednn_linear, shared+torch_linear: shared, with the linear layers' fp32 GEMMs on oneDNN
+  (`rayrlhf.onednn`) and on torch's own BLAS; the other layouts use the one `model.linear_backend`
+  picks (auto: oneDNN on AMD CPUs, torch's elsewhere).
 It also times the optimizer step with and without DeepSpeed's all-reduce (one rank has nothing
 to reduce) and torch's multi-tensor against its fused AdamW, on the model's parameters.
 Reports median seconds per layout and the ratios to padded.
@@ -34,9 +35,10 @@ import time
 from pathlib import Path
 
 LAYOUT_FLAGS = ("packing", "share_prompts", "gradient_checkpointing", "onednn_linear")
-# name: flags, as LAYOUT_FLAGS names them
-LAYOUTS = {"padded": (False, False, False, True), "packed": (True, False, False, True),
-           "shared": (True, True, False, True), "shared+checkpointing": (True, True, True, True),
+# name: flags, as LAYOUT_FLAGS names them; onednn_linear None is model.linear_backend's choice
+LAYOUTS = {"padded": (False, False, False, None), "packed": (True, False, False, None),
+           "shared": (True, True, False, None), "shared+checkpointing": (True, True, True, None),
+           "shared+onednn_linear": (True, True, False, True),
            "shared+torch_linear": (True, True, False, False)}
 
 
@@ -57,10 +59,13 @@ def main() -> None:
     from rayrlhf.config import load_config
     from rayrlhf.data import load_prompts
     from rayrlhf.driver import prepare_models
-    from rayrlhf.onednn import use_onednn_linear
+    from rayrlhf.onednn import onednn_chosen, use_onednn_linear
     from rayrlhf.trainer import TrainerWorker
 
     cfg = load_config(args.config, args.overrides)
+    configured = onednn_chosen(cfg.model.linear_backend)
+    layouts = {name: tuple(configured if flag is None else flag for flag in flags)
+               for name, flags in LAYOUTS.items()}
     torch.set_num_threads(cfg.ray.threads_per_actor)
     tokenizer = prepare_models(cfg)
     prompts = load_prompts(cfg.data, tokenizer, cfg.seed)
@@ -85,10 +90,10 @@ def main() -> None:
     samples = cfg.trainer.prompts_per_step * n
     worker.setup("127.0.0.1", port, cfg.model.path, cfg.actor, samples, cfg.model, cfg.seed,
                  cfg.algorithm, cfg.rollout.temperature, longest)
-    seconds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    seconds: dict[str, list[float]] = {name: [] for name in layouts}
     for round_index in range(args.rounds):
         batch = grpo_batch()
-        for name, (packing, share, checkpointing, onednn) in LAYOUTS.items():
+        for name, (packing, share, checkpointing, onednn) in layouts.items():
             worker.cfg.packing, worker.cfg.share_prompts = packing, share
             use_onednn_linear(worker.module, onednn)
             if checkpointing:
@@ -107,7 +112,7 @@ def main() -> None:
               "positions_per_batch": {"padded": mask.numel(), "packed": int(mask.sum()),
                                       "shared": sum(segment_sizes(batch, prompt_groups(batch)))},
               "layouts": {name: dict(zip(LAYOUT_FLAGS, flags, strict=True))
-                          for name, flags in LAYOUTS.items()},
+                          for name, flags in layouts.items()},
               "train_seconds_median": median,
               "train_ratio_to_padded": {name: m / median["padded"] for name, m in median.items()},
               "optimizer_step": optimizer_steps(worker, args.rounds)}

@@ -30,10 +30,10 @@ class ModelConfig:
     tiny_hidden_size: int = 128
     tiny_layers: int = 2
     dtype: str = "float32"
-    # On x86 CPUs, the fp32 linear layers of the trained and scoring models run on oneDNN, not
-    # torch's BLAS (rayrlhf/onednn.py: about 2x the products on the AMD EPYC measured); false keeps
-    # torch's.
-    onednn_linear: bool = True
+    # The fp32 CPU products of the trained and scoring models' linear layers: onednn (x86), torch
+    # (its BLAS, MKL), or auto: oneDNN on AMD CPUs, where MKL runs its AVX2 path (oneDNN about 2x
+    # on the AMD EPYC measured), torch's elsewhere (MKL faster on the Intel Xeon measured).
+    linear_backend: str = "auto"
 
 
 @dataclass
@@ -426,6 +426,8 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
         raise ConfigError("config key 'model.path' is required (an HF id or a local path)")
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
            f"must be float32, bfloat16 or float16, got {cfg.model.dtype}")
+    _check(cfg.model.linear_backend in ("auto", "onednn", "torch"), "model.linear_backend",
+           f"must be auto, onednn or torch, got {cfg.model.linear_backend}")
     hidden = cfg.model.tiny_hidden_size
     _check(hidden >= 32 and hidden % 32 == 0, "model.tiny_hidden_size",
            f"must be a positive multiple of 32 (heads of 32), got {hidden}")

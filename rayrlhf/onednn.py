@@ -1,12 +1,13 @@
 """fp32 linear layers through oneDNN on x86 CPUs, for the models we train and score with
-(`model.onednn_linear`, on by default).
+(`model.linear_backend`).
 
-On CPU, torch runs fp32 matmuls through its BLAS (MKL), which on the AMD EPYC machines this
-project is tested on runs no faster than its AVX2 code path; oneDNN, which vLLM's CPU backend
-uses too, runs AVX-512 there: about twice the GEMM throughput (benchmarks/train_layouts.py
-measures both in one process). Intel CPUs, where MKL runs AVX-512 too, gain less. The forward
-GEMM and both backward GEMMs go through oneDNN, in fp32. Every other call (GPU, bf16, autocast,
-ZeRO-3 partitioned weights) is torch's own.
+On CPU, torch runs fp32 matmuls through its BLAS, MKL, whose fast code paths are Intel's: on
+AMD CPUs it runs no faster than its AVX2 path, while oneDNN, which vLLM's CPU backend uses
+too, runs AVX-512 there, about twice the GEMM throughput on the AMD EPYC measured. On Intel CPUs
+MKL runs AVX-512 itself and was the faster of the two in every product of the train stage
+(benchmarks/train_layouts.py measures both in one process). So `auto` picks oneDNN on AMD only.
+The forward GEMM and both backward GEMMs go through oneDNN, in fp32. Every other call (GPU,
+bf16, autocast, ZeRO-3 partitioned weights) is torch's own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,26 @@ import torch
 def available() -> bool:
     return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD"), or "" where /proc/cpuinfo has none."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def onednn_chosen(backend: str) -> bool:
+    """Whether `model.linear_backend` (auto, onednn or torch) puts this process's linear layers
+    on oneDNN; each actor decides on its own CPU."""
+    if backend == "torch" or not available():
+        return False
+    return backend == "onednn" or cpu_vendor() == "AuthenticAMD"
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

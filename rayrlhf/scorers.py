@@ -13,14 +13,14 @@ from rayrlhf.modeling import (
     policy_logprobs,
     sequence_scores,
 )
-from rayrlhf.onednn import use_onednn_linear
+from rayrlhf.onednn import onednn_chosen, use_onednn_linear
 from rayrlhf.reward_server import RemoteRewardClient
 from rayrlhf.rewards import load_reward_function
 
 
 def _scoring_model(model, model_cfg, device):
     """A frozen model, in eval mode on `device`, its linear layers on the configured backend."""
-    if model_cfg.onednn_linear:
+    if onednn_chosen(model_cfg.linear_backend):
         use_onednn_linear(model)
     return model.to(device).eval()
 

@@ -24,7 +24,7 @@ from rayrlhf.modeling import (
     to_device,
     token_values,
 )
-from rayrlhf.onednn import use_onednn_linear
+from rayrlhf.onednn import onednn_chosen, use_onednn_linear
 
 # Roles whose model is a causal LM; the others (critic, reward model) have a scalar head.
 CAUSAL_ROLES = ("actor", "sft")
@@ -107,7 +107,7 @@ class TrainerWorker:
             model = apply_lora(model, role_cfg.lora, scalar_head)
             if role_cfg.gradient_checkpointing:
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
-        if model_cfg.onednn_linear:
+        if onednn_chosen(model_cfg.linear_backend):
             use_onednn_linear(model)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds_config)

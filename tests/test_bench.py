@@ -64,7 +64,7 @@ def test_train_layouts_benchmark_times_each_layout_on_one_trainer(tmp_path, tiny
     positions = result["positions_per_batch"]
     assert positions["shared"] < positions["packed"] < positions["padded"]
     assert set(result["train_seconds_median"]) == {"padded", "packed", "shared", "shared+checkpointing",
-                                                   "shared+torch_linear"}
+                                                   "shared+onednn_linear", "shared+torch_linear"}
     assert all(seconds > 0 for seconds in result["train_seconds_median"].values())
     assert result["train_ratio_to_padded"]["padded"] == 1.0
     assert all(seconds > 0 for seconds in result["optimizer_step"].values())

@@ -29,6 +29,7 @@ def test_preset_and_overrides_merge():
     ("algorithm.train_batch_size=100", "'algorithm.train_batch_size' (100) must divide"),
     ("actor.micro_batch_size=48", "'actor.micro_batch_size'"),
     ("model.dtype=int8", "'model.dtype' must be float32, bfloat16 or float16"),
+    ("model.linear_backend=mkl", "'model.linear_backend' must be auto, onednn or torch, got mkl"),
     ("trainer.total_steps", "not of the form key=value"),
     ("algorithm.estimator=ppo", "'algorithm.estimator' must be one of gae, grpo"),
     ("algorithm.kl_estimator=k4", "'algorithm.kl_estimator' must be one of k1, k2, k3"),

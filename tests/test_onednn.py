@@ -1,5 +1,7 @@
 """fp32 linear layers through oneDNN: the same outputs and gradients as torch's own linear."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,12 +69,15 @@ def test_models_train_as_with_torch_linear(tiny_policy, tiny_reward_model):
             torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_model_onednn_linear_picks_the_backend_of_the_scoring_models(tiny_policy, enabled):
+@pytest.mark.parametrize("backend", ["onednn", "torch", "auto"])
+def test_model_linear_backend_picks_the_backend_of_the_scoring_models(tiny_policy, backend):
+    """auto is oneDNN on AMD CPUs only (MKL, torch's BLAS, runs its AVX2 path there)."""
     from rayrlhf.config import load_config
     from rayrlhf.scorers import ReferenceWorker
 
-    cfg = load_config("conf/tiny_ppo.yaml", [f"model.onednn_linear={str(enabled).lower()}"])
+    cfg = load_config("conf/tiny_ppo.yaml", [f"model.linear_backend={backend}"])
     reference = ReferenceWorker(tiny_policy, cfg.model, micro_batch_size=4, temperature=1.0)
     kinds = {type(m) for m in reference.model.modules() if isinstance(m, torch.nn.Linear)}
-    assert kinds == ({OneDNNLinear} if enabled else {torch.nn.Linear})
+    amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    onednn = backend == "onednn" or (backend == "auto" and amd)
+    assert kinds == ({OneDNNLinear} if onednn else {torch.nn.Linear})
