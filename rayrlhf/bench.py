@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rayrlhf.cluster import start_ray
 from rayrlhf.config import validate
 from rayrlhf.driver import prepare_models, train
 from rayrlhf.tasks import TASKS
@@ -44,18 +42,17 @@ def run_bench(cfg: DictConfig) -> dict:
     configs = {name: point_config(cfg, out / name, overrides) for name, overrides in points.items()}
     prepare_models(cfg)
     params = count_parameters(cfg.model.path)
-    started_ray = start_ray(cfg.ray)
-    try:
-        results = [measure(name, point_cfg, params) for name, point_cfg in configs.items()]
-    finally:
-        if started_ray:
-            ray.shutdown()
-    base = results[0]
+    # The memory copy and TRL run right after the base point, which they are compared with: this
+    # VM's speed drifts by tens of percent within minutes. Without a cluster to connect to, each
+    # point starts its own local one, so that none is running beside TRL.
+    base = measure("base", configs.pop("base"), params)
+    sync = sync_vs_memcpy(base)
+    baseline = trl_baseline(cfg, out) if cfg.bench.trl else {"trl/samples_per_s": None}
+    results = [base] + [measure(name, point_cfg, params) for name, point_cfg in configs.items()]
     report = {"model/path": cfg.model.path, "model/parameters": params, "points": results,
               "ours/samples_per_s": base["samples_per_s"],
               "unattributed_frac": base["seconds/other"] / base["seconds/step"],
-              "weight_sync": sync_vs_memcpy(base), "growth": growth(results)}
-    report |= trl_baseline(cfg, out) if cfg.bench.trl else {"trl/samples_per_s": None}
+              "weight_sync": sync, "growth": growth(results), **baseline}
     trl = report["trl/samples_per_s"]
     report["ratio_vs_trl"] = base["samples_per_s"] / trl if trl else None
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
