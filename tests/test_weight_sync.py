@@ -14,13 +14,14 @@ from rayrlhf.modeling import load_causal_lm, policy_logprobs
 pytestmark = pytest.mark.integration
 
 
-def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch):
+@pytest.mark.parametrize("eager", [True, False])
+def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager):
     """vLLM's CPU backend packs the linear layers' weights; the engine keeps the plain ones, loads
-    each sync into them and packs again. A layer left with its old packing (or a sync that fell
-    back to vLLM's reload) fails this."""
+    each sync into them and packs again, also into a compiled model (enforce_eager false). A layer
+    left with its old packing (or a sync that fell back to vLLM's reload) fails this."""
     from rayrlhf.rollout import RolloutWorker
 
-    cfg = load_config("conf/tiny_ppo.yaml", ["rollout.max_new_tokens=6"])
+    cfg = load_config("conf/tiny_ppo.yaml", ["rollout.max_new_tokens=6", f"rollout.enforce_eager={eager}"])
     engine = RolloutWorker(tiny_policy, "", cfg.rollout, "float32", seed=0, max_model_len=64)
     in_place = []
     load_in_place = weight_sync.load_in_place
