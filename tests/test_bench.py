@@ -11,6 +11,7 @@ import pytest
 
 from rayrlhf.bench import growth, run_bench
 from rayrlhf.config import load_config
+from rayrlhf.modeling import load_causal_lm
 
 
 def point(prompts, length, samples, tokens, seconds):
@@ -68,3 +69,16 @@ def test_train_layouts_benchmark_times_each_layout_on_one_trainer(tmp_path, tiny
     assert all(seconds > 0 for seconds in result["train_seconds_median"].values())
     assert result["train_ratio_to_padded"]["padded"] == 1.0
     assert all(seconds > 0 for seconds in result["optimizer_step"].values())
+
+
+def test_weight_load_benchmark_times_both_loads_on_a_real_engine(tmp_path, tiny_policy):
+    """benchmarks/weight_load.py: vLLM's reload and the in-place load, alternating on one engine."""
+    out = tmp_path / "weight_load.json"
+    subprocess.run([sys.executable, "benchmarks/weight_load.py", "--config", "conf/bench_cpu.yaml",
+                    "--rounds", "2", "--output", str(out), f"model.path={tiny_policy}",
+                    "model.build_tiny=false"],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "."})
+    result = json.loads(out.read_text())
+    assert set(result["median_ms"]) == {"vllm_reload_weights", "in_place", "memcpy"}
+    assert all(ms > 0 for ms in result["median_ms"].values())
+    assert result["bytes"] == sum(p.numel() * 4 for p in load_causal_lm(tiny_policy, "float32").parameters())
