@@ -239,11 +239,12 @@ def engine_receive(worker, plan: list[list[ParamSpec]], ipc_handle: tuple | None
 
 def keep_plain_linear_weights() -> None:
     """Makes vLLM's CPU linear-layer packing keep each plain weight (call before the engine
-    loads its model, in the process that loads it)."""
+    loads its model, in the process that loads it). A vLLM without that function keeps its own
+    behaviour, and its reload serves the syncs."""
     from vllm.model_executor.layers import utils
 
-    pack = utils.dispatch_cpu_unquantized_gemm
-    if hasattr(pack, "original"):
+    pack = getattr(utils, "dispatch_cpu_unquantized_gemm", None)
+    if pack is None or hasattr(pack, "original"):
         return
 
     def pack_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
@@ -264,7 +265,7 @@ def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
-    pack = getattr(utils.dispatch_cpu_unquantized_gemm, "original", None)
+    pack = getattr(getattr(utils, "dispatch_cpu_unquantized_gemm", None), "original", None)
     model = worker.get_model()
     modules = list(model.modules())
     plain_methods = (type(None), UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
