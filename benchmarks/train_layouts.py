@@ -24,15 +24,13 @@ Reports median seconds per layout and the ratios to padded.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import socket
 import statistics
-import sys
 import time
-from pathlib import Path
+
+from benchmarks.interleaved import parse_args, report
 
 LAYOUT_FLAGS = ("packing", "share_prompts", "gradient_checkpointing", "onednn_linear")
 # name: flags, as LAYOUT_FLAGS names them; onednn_linear None is model.linear_backend's choice
@@ -43,14 +41,7 @@ LAYOUTS = {"padded": (False, False, False, None), "packed": (True, False, False,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--output", default="", help="JSON file for the result")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args()
-    if args.rounds < 2:
-        sys.exit("train_layouts.py: error: --rounds must be >= 2 (the first is a warm-up)")
+    args = parse_args(__doc__, "train_layouts.py")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
@@ -116,10 +107,7 @@ def main() -> None:
               "train_seconds_median": median,
               "train_ratio_to_padded": {name: m / median["padded"] for name, m in median.items()},
               "optimizer_step": optimizer_steps(worker, args.rounds)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    report(result, args.output)
 
 
 def optimizer_steps(worker, rounds: int) -> dict[str, float]:

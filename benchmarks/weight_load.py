@@ -13,24 +13,16 @@ Interleaving matters here: a shared 2-core VM drifts by tens of percent within m
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from benchmarks.interleaved import parse_args, report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--output", default="", help="JSON file for the result")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args()
-    if args.rounds < 2:
-        sys.exit("weight_load.py: error: --rounds must be >= 2 (the first is a warm-up)")
+    args = parse_args(__doc__, "weight_load.py")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
 
@@ -83,10 +75,7 @@ def main() -> None:
     median_ms = {name: statistics.median(values) * 1000 for name, values in seconds.items()}
     result = {"config": args.config, "bytes": nbytes, "rounds_timed": args.rounds - 1, "median_ms": median_ms,
               "times_memcpy": {name: median_ms[name] / median_ms["memcpy"] for name in loads}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The weight-sync channel: actor trainer rank 0 -> every vLLM engine worker.
 
 Weights travel as flat buckets of about `bucket_mb`; the engines turn each bucket back into
-named HF tensors and stream them into vLLM's in-place reload. Two transports:
+named HF tensors and load them: on CPU in place (see `load_in_place` below), elsewhere through
+vLLM's reload. Three transports:
 - collective: a torch.distributed group of its own (gloo on CPU, NCCL on GPU) joins trainer
   rank 0 (rank 0) and each engine worker (ranks 1..). It is built straight from a TCPStore, so it
   lives beside the trainers' DeepSpeed group and vLLM's own group without touching either;
@@ -232,10 +233,10 @@ def engine_receive(worker, plan: list[list[ParamSpec]], ipc_handle: tuple | None
 # In-place loading on CPU. vLLM's CPU backend packs each linear layer's weight into oneDNN's
 # blocked layout and drops the plain tensor, so a new weight can only come in through its
 # layer-by-layer reload: every layer's tensors allocated afresh, loaded, re-packed, copied back
-# (most of a sync's time). An engine started after `keep_plain_linear_weights`
-# keeps the plain weights (their memory once more), so a sync loads into them with the model's
-# own `load_weights` and re-packs each layer with vLLM's own packing: the same result, without
-# the allocations and the bookkeeping.
+# (most of a sync's time). An engine started after `keep_plain_linear_weights` keeps the plain
+# weights (their memory once more), so a sync loads into them with the model's own
+# `load_weights` and re-packs each layer with vLLM's own packing: the same result, without the
+# allocations and the bookkeeping.
 
 def keep_plain_linear_weights() -> None:
     """Makes vLLM's CPU linear-layer packing keep each plain weight (call before the engine
@@ -266,10 +267,12 @@ def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     pack = getattr(getattr(utils, "dispatch_cpu_unquantized_gemm", None), "original", None)
+    if pack is None:
+        return False
     model = worker.get_model()
     modules = list(model.modules())
     plain_methods = (type(None), UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
-    if (pack is None or worker.model_config.quantization is not None
+    if (worker.model_config.quantization is not None
             or not all(type(getattr(m, "quant_method", None)) in plain_methods for m in modules)
             or not all(getattr(m, "rayrlhf_repack", True) for m in modules)):
         return False
