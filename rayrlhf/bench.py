@@ -5,8 +5,9 @@ iterations are left out. For each point: seconds per stage (generate; experience
 reference, old log-probs, values; train; weight sync; other = what no stage accounts for),
 samples/s and tokens/s for the step and each stage, and the training stage's model FLOPs
 utilisation when `bench.peak_tflops` is known. Beside it, in the same run: TRL's GRPOTrainer on the
-configured point (benchmarks/trl_grpo.py, a separate process), and the weight sync against a
-plain memory copy of the same bytes. Writes bench.json, bench.csv and bench.png to output_dir.
+configured point, just before and just after ours (benchmarks/trl_grpo.py, a separate process;
+its rate is the mean of the two), and the weight sync against a plain memory copy of the same
+bytes. Writes bench.json, bench.csv and bench.png to output_dir.
 """
 
 from __future__ import annotations
@@ -42,12 +43,16 @@ def run_bench(cfg: DictConfig) -> dict:
     configs = {name: point_config(cfg, out / name, overrides) for name, overrides in points.items()}
     prepare_models(cfg)
     params = count_parameters(cfg.model.path)
-    # The memory copy and TRL run right after the base point, which they are compared with: this
-    # VM's speed drifts by tens of percent within minutes. Without a cluster to connect to, each
-    # point starts its own local one, so that none is running beside TRL.
+    # TRL runs just before and just after the base point, and the memory copy right after it: a
+    # shared VM's speed drifts by tens of percent within minutes, and bracketing cancels a steady
+    # drift. Without a cluster to connect to, each point starts its own local one, so that none
+    # is running beside TRL.
+    trl_runs = [trl_baseline(cfg, out, "before")] if cfg.bench.trl else []
     base = measure("base", configs.pop("base"), params)
     sync = sync_vs_memcpy(base)
-    baseline = trl_baseline(cfg, out) if cfg.bench.trl else {"trl/samples_per_s": None}
+    if trl_runs and trl_runs[0]["trl/samples_per_s"] is not None:
+        trl_runs.append(trl_baseline(cfg, out, "after"))
+    baseline = mean_trl(trl_runs)
     results = [base] + [measure(name, point_cfg, params) for name, point_cfg in configs.items()]
     report = {"model/path": cfg.model.path, "model/parameters": params, "points": results,
               "ours/samples_per_s": base["samples_per_s"],
@@ -143,28 +148,39 @@ def growth(results: list[dict]) -> dict[str, str]:
     return words
 
 
-def trl_baseline(cfg: DictConfig, out: Path) -> dict:
+def trl_baseline(cfg: DictConfig, out: Path, when: str) -> dict:
     """TRL's GRPOTrainer on the configured point, in its own process with every core."""
     prompts = out / "trl_prompts.jsonl"
     texts = TASKS[cfg.data.task].prompts(max(256, cfg.trainer.prompts_per_step * 4), cfg.seed, False)
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    result = out / f"trl_{when}.json"
     command = [sys.executable, str(TRL_SCRIPT), "--model", cfg.model.path, "--prompts", str(prompts),
                "--num-generations", str(cfg.rollout.n), "--max-new-tokens", str(cfg.rollout.max_new_tokens),
                "--prompts-per-step", str(cfg.trainer.prompts_per_step),
                "--steps", str(cfg.bench.warmup_steps + cfg.bench.steps),
                "--warmup-steps", str(cfg.bench.warmup_steps), "--lr", str(cfg.actor.lr),
                "--seed", str(cfg.seed),
-               "--threads", str(os.cpu_count()), "--output", str(out / "trl.json"),
+               "--threads", str(os.cpu_count()), "--output", str(result),
                "--temperature", str(cfg.rollout.temperature)]
     env = {**os.environ, "PYTHONPATH": str(TRL_SCRIPT.parent.parent)}
-    print("== trl: GRPOTrainer on the same point", flush=True)
+    print(f"== trl: GRPOTrainer on the base point, {when} it", flush=True)
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         print(f"warning: the TRL baseline did not run: {reason}", flush=True)
         return {"trl/samples_per_s": None, "trl/error": reason}
-    trl = json.loads((out / "trl.json").read_text())
+    trl = json.loads(result.read_text())
     return {"trl/samples_per_s": trl["samples_per_s"], "trl/version": trl["trl_version"]}
+
+
+def mean_trl(runs: list[dict]) -> dict:
+    """TRL's rate as the mean of its runs around the base point (each also reported), or why
+    there is none."""
+    rates = [run["trl/samples_per_s"] for run in runs]
+    if not runs or None in rates:
+        return runs[-1] if runs else {"trl/samples_per_s": None}
+    return {"trl/samples_per_s": sum(rates) / len(rates), "trl/samples_per_s_runs": rates,
+            "trl/version": runs[0]["trl/version"]}
 
 
 def write_csv(results: list[dict], path: Path) -> None:

@@ -76,8 +76,8 @@ class RolloutConfig:
     # (vLLM sleep mode) so training can use the memory; the weight sync restores them.
     sleep: bool = False
     # vLLM's enforce_eager. false captures CUDA graphs on GPU (much faster decoding of small
-    # batches) and compiles the model on CPU (about 10% faster generation of the CPU bench model,
-    # but 45-75 s more start-up per engine on 2 cores); true starts in seconds.
+    # batches) and compiles the model on CPU (generation of the CPU bench model 10-30% faster,
+    # for 40-75 s more start-up per engine on 2 cores); true starts in seconds.
     enforce_eager: bool = True
 
 

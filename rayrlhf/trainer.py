@@ -316,6 +316,10 @@ class TrainerWorker:
         if created is None:
             return None
         self.shared_path, self.shared_weights = created
+        # With nothing re-laying the parameters out (DeepSpeed flattens them under ZeRO 1-3 and
+        # in its bf16/fp16 optimizers), they can live in the file itself: no copy at each sync.
+        if self.world_size == 1 and self.cfg.zero_stage == 0 and self.dtype == torch.float32:
+            weight_sync.place_in_shared(self.module, self.shared_weights, plan)
         return self.shared_path
 
     def unlink_shared_weights(self) -> None:

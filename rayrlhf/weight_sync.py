@@ -96,7 +96,9 @@ def send_buckets(module: torch.nn.Module, plan: list[list[ParamSpec]], is_sender
             else:
                 flat = bucket_view(shared, plan, index)
                 for (_, compute), view in zip(entries, _split(flat, bucket), strict=True):
-                    view.copy_(compute())
+                    weight = compute()
+                    if weight.data_ptr() != view.data_ptr():  # else already there (place_in_shared)
+                        view.copy_(weight)
             sent += flat.numel() * flat.element_size()
     return sent
 
@@ -167,6 +169,23 @@ def shared_weights(shared: torch.Tensor, plan: list[list[ParamSpec]]) -> Iterato
     for index, bucket in enumerate(plan):
         yield from zip([name for name, _, _ in bucket], _split(bucket_view(shared, plan, index), bucket),
                        strict=True)
+
+
+def place_in_shared(module: torch.nn.Module, shared: torch.Tensor, plan: list[list[ParamSpec]]) -> int:
+    """Moves each plain weight of the module into its place in the mapped file: the parameter's
+    data becomes that view, so the optimizer updates the weights where the engines read them and
+    a sync copies nothing on the trainer's side (LoRA-merged weights are still computed and
+    copied). Only for parameters nothing else re-lays out: one rank, ZeRO stage 0, fp32 (the
+    caller checks). Returns how many parameters moved."""
+    plain = {name: parts[0] for name, parts, _ in hf_weights(module) if len(parts) == 1}
+    moved = 0
+    for name, view in shared_weights(shared, plan):
+        param = plain.get(name)
+        if param is not None and param.dtype == view.dtype and param.shape == view.shape:
+            view.copy_(param.data)
+            param.data = view
+            moved += 1
+    return moved
 
 
 def cuda_ipc_handle(buffer: torch.Tensor) -> tuple[str, tuple]:

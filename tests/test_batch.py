@@ -47,6 +47,32 @@ def test_shared_memory_file_carries_every_weight_of_mixed_dtypes(tmp_path):
         assert reader[name].dtype == param.dtype and torch.equal(reader[name], param.data), name
 
 
+def test_weights_placed_in_the_shared_file_reach_it_through_the_optimizer_alone(tmp_path, monkeypatch):
+    """place_in_shared: the parameters become views of the file, keep their values, and a fused
+    AdamW step updates them there; a sync then finds every weight in place and copies none."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    plan = plan_buckets(weight_sync.parameter_specs(model), bucket_bytes=40)
+    path = str(tmp_path / "weights")
+    writer = weight_sync.map_shared_file(path, weight_sync.shared_offsets(plan)[-1])
+    assert weight_sync.place_in_shared(model, writer, plan) == 4
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    reader = dict(weight_sync.shared_weights(weight_sync.map_shared_file(path, writer.numel()), plan))
+    for name, param in model.named_parameters():
+        assert not torch.equal(param, before[name]) and torch.equal(reader[name], param.data), name
+    copies = []
+    original_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *args, **kwargs:
+                        copies.append(src) or original_copy(self, src, *args, **kwargs))
+    sent = weight_sync.send_buckets(model, plan, is_sender=True, device=torch.device("cpu"), shared=writer)
+    monkeypatch.undo()
+    assert sent == sum(p.numel() * p.element_size() for p in model.parameters()) and copies == []
+
+
 def test_cuda_ipc_pairs_each_engine_with_the_actor_rank_on_its_gpu():
     actors = [("node-a", ("0",)), ("node-a", ("1",)), ("node-b", ("0",))]
     assert weight_sync.ipc_senders(actors, [("node-a", ("1",)), ("node-b", ("0",))]) == [1, 2]

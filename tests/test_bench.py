@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rayrlhf.bench import growth, run_bench
+from rayrlhf.bench import growth, mean_trl, run_bench
 from rayrlhf.config import load_config
 from rayrlhf.modeling import load_causal_lm
 
@@ -26,11 +26,21 @@ def test_growth_is_stated_in_words():
     assert growth([point(8, 16, 32, 512, 2.0)]) == {}
 
 
+def test_trl_rate_is_the_mean_of_the_runs_around_ours_or_says_why_there_is_none():
+    run = {"trl/samples_per_s": 10.0, "trl/version": "1"}
+    mean = mean_trl([run, run | {"trl/samples_per_s": 14.0}])
+    assert mean["trl/samples_per_s"] == 12.0 and mean["trl/samples_per_s_runs"] == [10.0, 14.0]
+    failed = {"trl/samples_per_s": None, "trl/error": "out of memory"}
+    assert mean_trl([run, failed]) == failed and mean_trl([failed]) == failed
+    assert mean_trl([]) == {"trl/samples_per_s": None}
+
+
 @pytest.mark.integration
 def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_policy):
     cfg = load_config("conf/bench_cpu.yaml", [
         f"model.path={tiny_policy}", "model.build_tiny=false", f"output_dir={tmp_path}",
-        "bench.steps=2", "bench.warmup_steps=1", "bench.sweep_prompts=[]", "bench.sweep_max_new_tokens=[]"])
+        "bench.steps=2", "bench.warmup_steps=1", "bench.sweep_prompts=[]", "bench.sweep_max_new_tokens=[]",
+        "rollout.enforce_eager=true"])  # what is tested is the report, not the compiled engine
     report = run_bench(cfg)
     base = report["points"][0]
     stages = ("generate", "experience", "train", "weight_sync", "other")
@@ -42,9 +52,12 @@ def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_pol
     assert report["weight_sync"]["bytes"] > 0 and report["weight_sync"]["times_memcpy"] > 1
     assert base["train/mfu"] is None and base["train/tflops_per_s"] > 0  # no peak figure on CPU
     # TRL is optional: either it ran on the same point, or the report says why not.
+    # TRL runs before and after ours, and its rate is their mean.
     if report["trl/samples_per_s"] is None:
         assert "pip install trl" in report["trl/error"] and report["ratio_vs_trl"] is None
     else:
+        runs = report["trl/samples_per_s_runs"]
+        assert len(runs) == 2 and report["trl/samples_per_s"] == pytest.approx(sum(runs) / 2)
         ours_over_trl = base["samples_per_s"] / report["trl/samples_per_s"]
         assert report["ratio_vs_trl"] == pytest.approx(ours_over_trl)
     assert json.loads((tmp_path / "bench.json").read_text())["points"][0]["point"] == "base"

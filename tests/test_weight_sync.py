@@ -14,11 +14,14 @@ from rayrlhf.modeling import load_causal_lm, policy_logprobs
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("eager", [True, False])
-def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager):
+@pytest.mark.parametrize(("eager", "placed"), [(True, True), (False, False)],
+                         ids=["eager-weights_in_file", "compiled-weights_copied"])
+def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager, placed):
     """vLLM's CPU backend packs the linear layers' weights; the engine keeps the plain ones, loads
     each sync into them and packs again, also into a compiled model (enforce_eager false). A layer
-    left with its old packing (or a sync that fell back to vLLM's reload) fails this."""
+    left with its old packing (or a sync that fell back to vLLM's reload) fails this. The trainer's
+    weights either live in the file (place_in_shared: updated there, nothing copied at the sync)
+    or are copied into it at each sync."""
     from rayrlhf.rollout import RolloutWorker
 
     cfg = load_config("conf/tiny_ppo.yaml", ["rollout.max_new_tokens=6", f"rollout.enforce_eager={eager}"])
@@ -37,6 +40,10 @@ def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager):
     path, shared = weight_sync.create_shared_file(plan)
     engine.map_shared_weights(path, weight_sync.shared_offsets(plan)[-1])
     os.unlink(path)
+    if placed:
+        assert weight_sync.place_in_shared(policy, shared, plan) == len(list(policy.parameters()))
+        file_start = shared.data_ptr()
+        assert all(file_start <= p.data_ptr() < file_start + shared.numel() for p in policy.parameters())
     prompts = [[10, 11, 12], [20, 21, 22, 23], [7, 8]]
     for seed in (1, 2):  # the second sync must replace what the first one packed
         torch.manual_seed(seed)
