@@ -51,8 +51,8 @@ def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_pol
     assert 0 <= report["unattributed_frac"] < 0.2
     assert report["weight_sync"]["bytes"] > 0 and report["weight_sync"]["times_memcpy"] > 1
     assert base["train/mfu"] is None and base["train/tflops_per_s"] > 0  # no peak figure on CPU
-    # TRL is optional: either it ran on the same point, or the report says why not.
-    # TRL runs before and after ours, and its rate is their mean.
+    # TRL is optional: either it ran on the same point, before and after ours (its rate is the
+    # mean of the two), or the report says why not.
     if report["trl/samples_per_s"] is None:
         assert "pip install trl" in report["trl/error"] and report["ratio_vs_trl"] is None
     else:
