@@ -14,7 +14,9 @@ layout in turn:
   backward pass, for memory);
 - shared+onednn_linear, shared+torch_linear: shared, with the linear layers' fp32 GEMMs on oneDNN
   (`rayrlhf.onednn`) and on torch's own BLAS; the other layouts use the one `model.linear_backend`
-  picks (auto: oneDNN on AMD CPUs, torch's elsewhere).
+  picks (auto: oneDNN on AMD CPUs, torch's elsewhere);
+- shared+compiled: shared, on a second rank set up with `actor.compile=true` (the others run
+  eager whatever the config says); its compilation happens in set-up, before the rounds.
 It also times the optimizer step with and without DeepSpeed's all-reduce (one rank has nothing
 to reduce) and torch's multi-tensor against its fused AdamW, on the model's parameters.
 Reports median seconds per layout and the ratios to padded.
@@ -32,12 +34,14 @@ import time
 
 from benchmarks.interleaved import parse_args, report
 
-LAYOUT_FLAGS = ("packing", "share_prompts", "gradient_checkpointing", "onednn_linear")
+LAYOUT_FLAGS = ("packing", "share_prompts", "gradient_checkpointing", "onednn_linear", "compile")
 # name: flags, as LAYOUT_FLAGS names them; onednn_linear None is model.linear_backend's choice
-LAYOUTS = {"padded": (False, False, False, None), "packed": (True, False, False, None),
-           "shared": (True, True, False, None), "shared+checkpointing": (True, True, True, None),
-           "shared+onednn_linear": (True, True, False, True),
-           "shared+torch_linear": (True, True, False, False)}
+LAYOUTS = {"padded": (False, False, False, None, False), "packed": (True, False, False, None, False),
+           "shared": (True, True, False, None, False),
+           "shared+checkpointing": (True, True, True, None, False),
+           "shared+onednn_linear": (True, True, False, True, False),
+           "shared+torch_linear": (True, True, False, False, False),
+           "shared+compiled": (True, True, False, None, True)}
 
 
 def main() -> None:
@@ -74,17 +78,22 @@ def main() -> None:
         batch["advantages"] = torch.randn(batch["mask"].shape)
         return batch
 
-    worker = TrainerWorker("actor", 0, 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     samples = cfg.trainer.prompts_per_step * n
-    worker.setup("127.0.0.1", port, cfg.model.path, cfg.actor, samples, cfg.model, cfg.seed,
-                 cfg.algorithm, cfg.rollout.temperature, longest)
+    workers = {}
+    for compiled in (False, True):
+        actor_cfg = cfg.actor.copy()
+        actor_cfg.compile = compiled
+        workers[compiled] = TrainerWorker("actor", 0, 1)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        workers[compiled].setup("127.0.0.1", port, cfg.model.path, actor_cfg, samples, cfg.model, cfg.seed,
+                                cfg.algorithm, cfg.rollout.temperature, longest)
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
     for round_index in range(args.rounds):
         batch = grpo_batch()
-        for name, (packing, share, checkpointing, onednn) in layouts.items():
+        for name, (packing, share, checkpointing, onednn, compiled) in layouts.items():
+            worker = workers[compiled]
             worker.cfg.packing, worker.cfg.share_prompts = packing, share
             use_onednn_linear(worker.module, onednn)
             if checkpointing:
@@ -106,7 +115,7 @@ def main() -> None:
                           for name, flags in layouts.items()},
               "train_seconds_median": median,
               "train_ratio_to_padded": {name: m / median["padded"] for name, m in median.items()},
-              "optimizer_step": optimizer_steps(worker, args.rounds)}
+              "optimizer_step": optimizer_steps(workers[False], args.rounds)}
     report(result, args.output)
 
 

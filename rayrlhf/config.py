@@ -151,6 +151,10 @@ class TrainerRoleConfig:
     # many on every rank, balanced by tokens (at least the longest sample).
     micro_batch_tokens: int = 0
     gradient_checkpointing: bool = False
+    # torch.compile the model's transformer layers (inductor, dynamic shapes): the CPU bench's
+    # train stage about 15% faster, for about a minute more before the first step (the compile
+    # is cached on disk, so later starts take less). Not with ZeRO-3 partitioned weights.
+    compile: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -483,6 +487,8 @@ def _check_trainer_role(cfg: DictConfig, role: str, longest_sample: int) -> None
     _check(r.cpus_per_rank > 0, f"{role}.cpus_per_rank", f"must be > 0, got {r.cpus_per_rank}")
     _check(r.gpus_per_rank >= 0, f"{role}.gpus_per_rank", f"must be >= 0, got {r.gpus_per_rank}")
     _check(r.zero_stage in (0, 1, 2, 3), f"{role}.zero_stage", f"must be 0, 1, 2 or 3, got {r.zero_stage}")
+    _check(not (r.compile and r.zero_stage == 3), f"{role}.compile",
+           "is not supported with zero_stage 3 (its weight-gathering hooks are untested under torch.compile)")
     _check(r.lr > 0, f"{role}.lr", f"must be > 0, got {r.lr}")
     _check(r.grad_clip >= 0, f"{role}.grad_clip", "must be >= 0")
     _check(r.weight_decay >= 0, f"{role}.weight_decay", f"must be >= 0, got {r.weight_decay}")

@@ -10,7 +10,7 @@ import torch
 
 from rayrlhf import weight_sync
 from rayrlhf.algorithms import aggregate, kl_estimate, pairwise_loss, policy_loss, sft_nll, value_loss
-from rayrlhf.batch import Batch, balanced_groups, prompt_groups, segment_sizes
+from rayrlhf.batch import Batch, balanced_groups, build_batch, prompt_groups, segment_sizes
 from rayrlhf.lora import apply_lora, hf_weights, plain_model
 from rayrlhf.modeling import (
     DTYPES,
@@ -109,6 +109,10 @@ class TrainerWorker:
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         if onednn_chosen(model_cfg.linear_backend):
             use_onednn_linear(model)
+        if role_cfg.compile:
+            # The backbone, which every role's forward calls (the scalar heads bypass the top
+            # module); torch compiles it at its first forward and backward.
+            plain_model(model).base_model.compile(dynamic=True)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds_config)
         if self.world_size == 1 and role_cfg.zero_stage == 0:
@@ -116,6 +120,23 @@ class TrainerWorker:
             # through a buffer at each step.
             self.engine.enable_backward_allreduce = False
         self.dtype = DTYPES[dtype]
+        if role_cfg.compile and self.role in ("actor", "critic"):
+            self._compile_now()
+
+    def _compile_now(self) -> None:
+        """One forward and backward of a made-up batch in the PPO layout, so that torch compiles
+        during set-up, beside the engines' own start-up, rather than in the first step. Its
+        gradients go nowhere: `autograd.grad` leaves `.grad` and DeepSpeed's hooks untouched."""
+        # Two equal prompt groups: every dimension >= 2 (torch specialises sizes 0 and 1).
+        batch = to_device(build_batch([[4, 5, 6]] * 2 + [[7, 8, 9]] * 2, [[10, 11], [12, 13]] * 2, 0),
+                          self.device)
+        self.module.train()
+        if self.role == "actor":
+            out = policy_logprobs(self.module, batch, self.temperature, self.packing)
+        else:
+            out = token_values(self.module, batch, self.packing)
+        weight = next(p for p in self.module.parameters() if p.requires_grad)
+        torch.autograd.grad(out.sum(), [weight], allow_unused=True)
 
     @property
     def module(self) -> torch.nn.Module:

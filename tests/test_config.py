@@ -53,6 +53,11 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_compiled_layers_are_refused_with_partitioned_weights():
+    with pytest.raises(ConfigError, match="'actor.compile' is not supported with zero_stage 3"):
+        load_config(PRESET, ["actor.zero_stage=3", "actor.compile=true"])
+
+
 @pytest.mark.parametrize("preset", sorted(Path("conf").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_validates(preset):
     """The GPU presets, which CI cannot run, at least stay valid configs as the schema changes."""
