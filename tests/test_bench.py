@@ -65,9 +65,10 @@ def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_pol
     assert Path(tmp_path / "bench.png").stat().st_size > 10_000
 
 
-def test_train_layouts_benchmark_times_each_layout_on_one_trainer(tmp_path, tiny_policy):
-    """benchmarks/train_layouts.py: the layouts of one GRPO batch on a real DeepSpeed rank;
-    sharing prompts computes fewer positions than packing, which computes fewer than padding."""
+def test_train_layouts_benchmark_times_each_layout_on_real_trainer_ranks(tmp_path, tiny_policy):
+    """benchmarks/train_layouts.py: the layouts of one GRPO batch on real DeepSpeed ranks (an
+    eager one, and a compiled one for shared+compiled); sharing prompts computes fewer positions
+    than packing, which computes fewer than padding."""
     out = tmp_path / "layouts.json"
     overrides = [f"model.path={tiny_policy}", "model.build_tiny=false", "trainer.prompts_per_step=4",
                  "algorithm.train_batch_size=16", "actor.micro_batch_size=16"]
@@ -78,7 +79,8 @@ def test_train_layouts_benchmark_times_each_layout_on_one_trainer(tmp_path, tiny
     positions = result["positions_per_batch"]
     assert positions["shared"] < positions["packed"] < positions["padded"]
     assert set(result["train_seconds_median"]) == {"padded", "packed", "shared", "shared+checkpointing",
-                                                   "shared+onednn_linear", "shared+torch_linear"}
+                                                   "shared+onednn_linear", "shared+torch_linear",
+                                                   "shared+compiled"}
     assert all(seconds > 0 for seconds in result["train_seconds_median"].values())
     assert result["train_ratio_to_padded"]["padded"] == 1.0
     assert all(seconds > 0 for seconds in result["optimizer_step"].values())
