@@ -68,6 +68,10 @@ class RolloutConfig:
     n: int = 1
     # vLLM KV cache size on CPU (GiB) and memory fraction on GPU.
     kv_cache_gib: int = 1
+    # KV cache block size in tokens; 0 keeps vLLM's (128 on CPU, 16 on GPU). vLLM's CPU attention
+    # wants a multiple of 32: 32 generated the CPU bench point (contexts under 40 tokens) 5-9%
+    # faster than 128.
+    block_size: int = 0
     gpu_memory_utilization: float = 0.5
     # Engines that die during a run are started again (with the current weights) and the lost
     # work retried, up to this many restarts in the run.
@@ -445,6 +449,8 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
 
     _check(cfg.data.task in ("", *TASKS), "data.task",
            f"must be empty or a built-in task ({', '.join(TASKS)}); got '{cfg.data.task}'")
+    _check(cfg.rollout.block_size >= 0, "rollout.block_size",
+           f"must be 0 (vLLM's default) or a number of tokens, got {cfg.rollout.block_size}")
     _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", f"must be >= 1, got {cfg.ray.num_cpus}")
     _check(cfg.ray.threads_per_actor >= 1, "ray.threads_per_actor", "must be >= 1")
     _check(cfg.ray.call_timeout_s > 0, "ray.call_timeout_s", "must be > 0")

@@ -32,6 +32,7 @@ class RolloutWorker:
         self.cfg = rollout_cfg
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
                        seed=seed, enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len,
+                       block_size=rollout_cfg.block_size or None,
                        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
                        enable_sleep_mode=rollout_cfg.sleep,

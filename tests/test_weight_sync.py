@@ -14,18 +14,21 @@ from rayrlhf.modeling import load_causal_lm, policy_logprobs
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize(("eager", "placed"), [(True, True), (False, False)],
-                         ids=["eager-weights_in_file", "compiled-weights_copied"])
-def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager, placed):
+@pytest.mark.parametrize(("eager", "placed", "block_size"), [(True, True, 32), (False, False, 0)],
+                         ids=["eager-weights_in_file-blocks_of_32", "compiled-weights_copied"])
+def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager, placed, block_size):
     """vLLM's CPU backend packs the linear layers' weights; the engine keeps the plain ones, loads
     each sync into them and packs again, also into a compiled model (enforce_eager false). A layer
     left with its old packing (or a sync that fell back to vLLM's reload) fails this. The trainer's
     weights either live in the file (place_in_shared: updated there, nothing copied at the sync)
-    or are copied into it at each sync."""
+    or are copied into it at each sync. The KV cache has vLLM's blocks or rollout.block_size's."""
     from rayrlhf.rollout import RolloutWorker
 
-    cfg = load_config("conf/tiny_ppo.yaml", ["rollout.max_new_tokens=6", f"rollout.enforce_eager={eager}"])
+    cfg = load_config("conf/tiny_ppo.yaml", ["rollout.max_new_tokens=6", f"rollout.enforce_eager={eager}",
+                                             f"rollout.block_size={block_size}"])
     engine = RolloutWorker(tiny_policy, "", cfg.rollout, "float32", seed=0, max_model_len=64)
+    if block_size:
+        assert engine.llm.llm_engine.vllm_config.cache_config.block_size == block_size
     in_place = []
     load_in_place = weight_sync.load_in_place
 
