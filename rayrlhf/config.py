@@ -449,8 +449,6 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
 
     _check(cfg.data.task in ("", *TASKS), "data.task",
            f"must be empty or a built-in task ({', '.join(TASKS)}); got '{cfg.data.task}'")
-    _check(cfg.rollout.block_size >= 0, "rollout.block_size",
-           f"must be 0 (vLLM's default) or a number of tokens, got {cfg.rollout.block_size}")
     _check(cfg.ray.num_cpus >= 1, "ray.num_cpus", f"must be >= 1, got {cfg.ray.num_cpus}")
     _check(cfg.ray.threads_per_actor >= 1, "ray.threads_per_actor", "must be >= 1")
     _check(cfg.ray.call_timeout_s > 0, "ray.call_timeout_s", "must be > 0")
@@ -553,6 +551,7 @@ def _check_ppo(cfg: DictConfig) -> None:
         "algorithm.kl_target": cfg.algorithm.kl_target,
         "algorithm.value_clip_eps": cfg.algorithm.value_clip_eps,
         "rollout.max_restarts": cfg.rollout.max_restarts,
+        "rollout.block_size": cfg.rollout.block_size,  # 0: vLLM's own
     }
     for key, value in non_negative.items():
         _check(value >= 0, key, f"must be >= 0, got {value}")

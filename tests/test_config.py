@@ -45,7 +45,7 @@ def test_preset_and_overrides_merge():
     ("bench.sweep_prompts=[0]", "'bench.sweep_prompts' must hold values >= 1"),
     ("model.tiny_hidden_size=100", "'model.tiny_hidden_size' must be a positive multiple of 32"),
     ("rollout.sleep=true", "'rollout.sleep' is for GPU engines"),
-    ("rollout.block_size=-32", "'rollout.block_size' must be 0 (vLLM's default) or a number of tokens"),
+    ("rollout.block_size=-32", "'rollout.block_size' must be >= 0, got -32"),
     ("weight_sync.transport=cuda_ipc", "'weight_sync.transport' cuda_ipc needs GPU trainers"),
 ])
 def test_bad_overrides_name_the_key(override, message):
