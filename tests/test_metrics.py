@@ -112,6 +112,9 @@ def test_wandb_offline_without_network(tmp_path, monkeypatch):
     log.log({"step": 2, "reward/mean": 1.375, "kl/mean": float("inf")})
     log.close()
     assert wandb.run is None  # close() finished the run
+    # finish() only tells wandb's service process the run is over; that process closes the record
+    # file on its own time. Teardown waits for it, as a driver's exit does.
+    wandb.teardown()
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     (record_file,) = run_dir.glob("run-*.wandb")
     # History rows are stored as JSON text inside the protobuf records.
