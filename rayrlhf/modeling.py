@@ -12,10 +12,16 @@ from rayrlhf.lora import plain_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Our models' attention: SDPA, with a padding-free path for packed rows (see _packed_attention).
+PACKED_ATTENTION = "rayrlhf_packed_sdpa"
+
+
 def load_causal_lm(path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    _register_packed_attention()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                attn_implementation=PACKED_ATTENTION)
 
 
 def load_scalar_model(path: str, dtype: str):
@@ -25,7 +31,64 @@ def load_scalar_model(path: str, dtype: str):
     """
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    _register_packed_attention()
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype],
+                                                              attn_implementation=PACKED_ATTENTION)
+
+
+def _register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # masks for unpacked calls, as SDPA's
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      packed_slots=None, packed_tokens=None, **kwargs):
+    """SDPA over packed rows whose tokens reach the model as one padding-free stream: [1, T]
+    positions go through every other layer, and only attention lays them out in the rows' [R, W]
+    grid (under the rows' [R, 1, W, W] segment mask) and reads them back. `packed_slots` [T] is
+    each token's slot in the flattened grid, `packed_tokens` [R * W] the token at each slot (any
+    on the padding, which the mask hides). Calls without them are plain SDPA."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if packed_slots is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    rows, width = attention_mask.shape[0], attention_mask.shape[-1]
+    real = torch.zeros(rows * width, 1, 1, dtype=query.dtype, device=query.device)
+    real[packed_slots] = 1
+    everywhere = torch.ones(len(packed_slots), 1, 1, dtype=query.dtype, device=query.device)
+
+    def grid(states: torch.Tensor) -> torch.Tensor:  # [1, H, T, D] -> [R, H, W, D]
+        placed = _MoveRows.apply(states[0].transpose(0, 1), packed_tokens, packed_slots, everywhere)
+        return placed.view(rows, width, *placed.shape[1:]).transpose(1, 2)
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grid(query), repeat_kv(grid(key), groups), repeat_kv(grid(value), groups),
+        attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    # Back to the stream, as the [B, T, H, D] the model's attention layer expects.
+    stream = _MoveRows.apply(out.transpose(1, 2).flatten(0, 1), packed_slots, packed_tokens, real)
+    return stream.unsqueeze(0), None
+
+
+class _MoveRows(torch.autograd.Function):
+    """x.index_select(0, index) where each row of x goes to one place at most (a place may copy
+    a row as a constant: the grid's padding). The gradient then moves back by a gather as well,
+    `back_index` [len(x)], zero where `kept` [len(x), 1, 1] is, rather than by autograd's
+    scatter-add, which runs serially on CPU and cost more than the padding it saves."""
+
+    @staticmethod
+    def forward(ctx, x, index, back_index, kept):
+        ctx.save_for_backward(back_index, kept)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back_index, kept = ctx.saved_tensors
+        return grad.index_select(0, back_index) * kept, None, None, None
 
 
 def check_model_path(key: str, path: str, tokenizer: bool = False) -> None:
@@ -66,9 +129,18 @@ def _scoring_inputs(batch: Batch, packing: str):
         start = batch.prompt_len - 1
         return _model_inputs(batch), lambda out: out[:, start:-1]
     rows = pack_rows(batch, share_prompts=packing == "prompts")
-    inputs = {"input_ids": rows.input_ids, "attention_mask": segment_mask(rows.segment_ids, rows.sample_ids),
-              "position_ids": rows.position_ids}
-    return inputs, lambda out: out[rows.rows, rows.cols]
+    # The linear layers see only the real tokens (see _packed_attention): the rows' end padding
+    # is 10-15% of the grid for GRPO groups of uneven responses.
+    real = rows.segment_ids.flatten() > 0
+    slots = real.nonzero().squeeze(1)
+    tokens = torch.zeros(real.numel(), dtype=torch.long, device=real.device)
+    tokens[slots] = torch.arange(len(slots), device=real.device)
+    inputs = {"input_ids": rows.input_ids.flatten()[slots][None],
+              "position_ids": rows.position_ids.flatten()[slots][None],
+              "attention_mask": segment_mask(rows.segment_ids, rows.sample_ids),
+              "packed_slots": slots, "packed_tokens": tokens}
+    width = rows.input_ids.shape[1]
+    return inputs, lambda out: out[0, tokens[rows.rows * width + rows.cols]]
 
 
 def segment_mask(segments: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:

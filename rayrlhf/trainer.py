@@ -127,9 +127,12 @@ class TrainerWorker:
         """One forward and backward of a made-up batch in the PPO layout, so that torch compiles
         during set-up, beside the engines' own start-up, rather than in the first step. Its
         gradients go nowhere: `autograd.grad` leaves `.grad` and DeepSpeed's hooks untouched."""
-        # Two equal prompt groups: every dimension >= 2 (torch specialises sizes 0 and 1).
-        batch = to_device(build_batch([[4, 5, 6]] * 2 + [[7, 8, 9]] * 2, [[10, 11], [12, 13]] * 2, 0),
-                          self.device)
+        # Two prompt groups of uneven lengths, so that no size the model sees is 0 or 1 and no
+        # two are equal by chance (as packed rows without end padding would make the token count
+        # and the grid's): torch specialises sizes 0 and 1 and ties equal ones, and a real batch
+        # that differed would compile again at the first step.
+        prompts, responses = [[4, 5, 6]] * 2 + [[7, 8]] * 2, [[10, 11, 12], [13, 14], [15, 16], [17]]
+        batch = to_device(build_batch(prompts, responses, 0), self.device)
         self.module.train()
         if self.role == "actor":
             out = policy_logprobs(self.module, batch, self.temperature, self.packing)

@@ -119,3 +119,32 @@ def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_rew
         for row, length in enumerate(batch["response_lengths"].tolist()):
             assert torch.allclose(outputs[0][0][row, :length], logprobs[row, :length], atol=1e-5), (kind, row)
             assert torch.allclose(outputs[0][1][row, :length], values[row, :length], atol=1e-5), (kind, row)
+
+
+def test_packed_rows_give_the_unpacked_gradients(tiny_policy, tmp_path):
+    """The linear layers see a padding-free token stream that only attention lays out in rows, so
+    the gradients must come back through that layout too; also with grouped-query attention."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from rayrlhf.algorithms import response_mask
+    from rayrlhf.modeling import load_causal_lm, policy_logprobs
+
+    config = AutoConfig.from_pretrained(tiny_policy)
+    config.num_key_value_heads = 2  # of 4 query heads
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "gqa")
+    prompts = [[5, 6, 7, 8, 9], [8], [5, 6, 7, 8, 9], [8], [10, 11]]
+    responses = [[1, 2], [3, 4, 9, 12], [13, 14, 15], [], [17, 18, 19, 20, 21, 22]]
+    batch = build_batch(prompts, responses, pad_id=0)
+    mask = response_mask(batch["sequences"][:, batch.prompt_len:], batch["response_lengths"])
+    assert pack_rows(batch, share_prompts=True).segment_ids.eq(0).any()  # rows with end padding
+    for path in (tiny_policy, tmp_path / "gqa"):
+        policy = load_causal_lm(str(path), "float32")
+        grads = []
+        for packing in ("none", "samples", "prompts"):
+            policy.zero_grad()
+            (policy_logprobs(policy, batch, 0.7, packing) * mask).sum().backward()
+            grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})
+        for kind, packed in zip(("samples", "prompts"), grads[1:], strict=True):
+            for name, grad in grads[0].items():
+                assert torch.allclose(grad, packed[name], atol=1e-5, rtol=1e-4), (path, kind, name)
