@@ -45,24 +45,22 @@ def _register_packed_attention() -> None:
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      packed_slots=None, packed_tokens=None, **kwargs):
+                      packed_slots=None, packed_tokens=None, packed_real=None, **kwargs):
     """SDPA over packed rows whose tokens reach the model as one padding-free stream: [1, T]
     positions go through every other layer, and only attention lays them out in the rows' [R, W]
     grid (under the rows' [R, 1, W, W] segment mask) and reads them back. `packed_slots` [T] is
     each token's slot in the flattened grid, `packed_tokens` [R * W] the token at each slot (any
-    on the padding, which the mask hides). Calls without them are plain SDPA."""
+    on the padding, which the mask hides), `packed_real` [R * W, 1, 1] true off the padding.
+    Calls without them are plain SDPA."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if packed_slots is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     rows, width = attention_mask.shape[0], attention_mask.shape[-1]
-    real = torch.zeros(rows * width, 1, 1, dtype=query.dtype, device=query.device)
-    real[packed_slots] = 1
-    everywhere = torch.ones(len(packed_slots), 1, 1, dtype=query.dtype, device=query.device)
 
     def grid(states: torch.Tensor) -> torch.Tensor:  # [1, H, T, D] -> [R, H, W, D]
-        placed = _MoveRows.apply(states[0].transpose(0, 1), packed_tokens, packed_slots, everywhere)
+        placed = _MoveRows.apply(states[0].transpose(0, 1), packed_tokens, packed_slots, None)
         return placed.view(rows, width, *placed.shape[1:]).transpose(1, 2)
 
     groups = getattr(module, "num_key_value_groups", 1)
@@ -70,15 +68,15 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
         grid(query), repeat_kv(grid(key), groups), repeat_kv(grid(value), groups),
         attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     # Back to the stream, as the [B, T, H, D] the model's attention layer expects.
-    stream = _MoveRows.apply(out.transpose(1, 2).flatten(0, 1), packed_slots, packed_tokens, real)
+    stream = _MoveRows.apply(out.transpose(1, 2).flatten(0, 1), packed_slots, packed_tokens, packed_real)
     return stream.unsqueeze(0), None
 
 
 class _MoveRows(torch.autograd.Function):
     """x.index_select(0, index) where each row of x goes to one place at most (a place may copy
     a row as a constant: the grid's padding). The gradient then moves back by a gather as well,
-    `back_index` [len(x)], zero where `kept` [len(x), 1, 1] is, rather than by autograd's
-    scatter-add, which runs serially on CPU and cost more than the padding it saves."""
+    `back_index` [len(x)], zero where `kept` [len(x), 1, 1] (if given) is false, rather than by
+    autograd's scatter-add, which runs serially on CPU and cost more than the padding it saves."""
 
     @staticmethod
     def forward(ctx, x, index, back_index, kept):
@@ -88,7 +86,8 @@ class _MoveRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         back_index, kept = ctx.saved_tensors
-        return grad.index_select(0, back_index) * kept, None, None, None
+        grad = grad.index_select(0, back_index)
+        return (grad if kept is None else grad * kept), None, None, None
 
 
 def check_model_path(key: str, path: str, tokenizer: bool = False) -> None:
@@ -138,7 +137,7 @@ def _scoring_inputs(batch: Batch, packing: str):
     inputs = {"input_ids": rows.input_ids.flatten()[slots][None],
               "position_ids": rows.position_ids.flatten()[slots][None],
               "attention_mask": segment_mask(rows.segment_ids, rows.sample_ids),
-              "packed_slots": slots, "packed_tokens": tokens}
+              "packed_slots": slots, "packed_tokens": tokens, "packed_real": real[:, None, None]}
     width = rows.input_ids.shape[1]
     return inputs, lambda out: out[0, tokens[rows.rows * width + rows.cols]]
 
