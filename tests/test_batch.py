@@ -123,10 +123,13 @@ def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_rew
 
 def test_packed_rows_give_the_unpacked_gradients(tiny_policy, tmp_path):
     """The linear layers see a padding-free token stream that only attention lays out in rows, so
-    the gradients must come back through that layout too; also with grouped-query attention."""
+    the gradients must come back through that layout too; also with grouped-query attention, and
+    under LoRA adapters (peft's wrapper must pass the stream's indices on)."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     from rayrlhf.algorithms import response_mask
+    from rayrlhf.config import LoraConfig
+    from rayrlhf.lora import apply_lora
     from rayrlhf.modeling import load_causal_lm, policy_logprobs
 
     config = AutoConfig.from_pretrained(tiny_policy)
@@ -138,13 +141,17 @@ def test_packed_rows_give_the_unpacked_gradients(tiny_policy, tmp_path):
     batch = build_batch(prompts, responses, pad_id=0)
     mask = response_mask(batch["sequences"][:, batch.prompt_len:], batch["response_lengths"])
     assert pack_rows(batch, share_prompts=True).segment_ids.eq(0).any()  # rows with end padding
-    for path in (tiny_policy, tmp_path / "gqa"):
-        policy = load_causal_lm(str(path), "float32")
+    lora = apply_lora(load_causal_lm(tiny_policy, "float32"), LoraConfig(rank=4), scalar_head=False)
+    # B starts at zero, which leaves A without a gradient; one non-zero B gives its A one too.
+    torch.nn.init.normal_(lora.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight)
+    for name, policy in (("tiny", load_causal_lm(tiny_policy, "float32")),
+                         ("gqa", load_causal_lm(str(tmp_path / "gqa"), "float32")), ("lora", lora)):
         grads = []
         for packing in ("none", "samples", "prompts"):
             policy.zero_grad()
             (policy_logprobs(policy, batch, 0.7, packing) * mask).sum().backward()
-            grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})
+            grads.append({key: p.grad.clone() for key, p in policy.named_parameters() if p.requires_grad})
+        assert any(grad.abs().sum() > 0 for grad in grads[0].values())
         for kind, packed in zip(("samples", "prompts"), grads[1:], strict=True):
-            for name, grad in grads[0].items():
-                assert torch.allclose(grad, packed[name], atol=1e-5, rtol=1e-4), (path, kind, name)
+            for key, grad in grads[0].items():
+                assert torch.allclose(grad, packed[key], atol=1e-5, rtol=1e-4), (name, kind, key)
