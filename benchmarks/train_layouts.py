@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import statistics
 import time
 
@@ -55,7 +54,7 @@ def main() -> None:
     from rayrlhf.data import load_prompts
     from rayrlhf.driver import prepare_models
     from rayrlhf.onednn import onednn_chosen, use_onednn_linear
-    from rayrlhf.trainer import TrainerWorker
+    from rayrlhf.trainer import TrainerWorker, free_port
 
     cfg = load_config(args.config, args.overrides)
     configured = onednn_chosen(cfg.model.linear_backend)
@@ -84,11 +83,8 @@ def main() -> None:
         actor_cfg = cfg.actor.copy()
         actor_cfg.compile = compiled
         workers[compiled] = TrainerWorker("actor", 0, 1)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        workers[compiled].setup("127.0.0.1", port, cfg.model.path, actor_cfg, samples, cfg.model, cfg.seed,
-                                cfg.algorithm, cfg.rollout.temperature, longest)
+        workers[compiled].setup("127.0.0.1", free_port("127.0.0.1"), cfg.model.path, actor_cfg, samples,
+                                cfg.model, cfg.seed, cfg.algorithm, cfg.rollout.temperature, longest)
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
     for round_index in range(args.rounds):
         batch = grpo_batch()

@@ -34,9 +34,14 @@ def node_address() -> tuple[str, int]:
     """This node's IP and a free TCP port on it (for a rendezvous hosted here)."""
     import ray
 
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port nothing listens on at `host` (all interfaces by default) at the time of asking."""
     with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def deepspeed_config(role_cfg, train_batch_size: int, world_size: int, dtype: str) -> dict:

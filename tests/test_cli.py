@@ -54,15 +54,12 @@ def test_console_script_exit_code():
 
 def test_serve_rm_command_serves_a_reward_model(tmp_path):
     """`rayrlhf serve-rm` answers a scoring request on loopback, with its bearer token."""
-    import socket
-
     from rayrlhf.reward_server import RemoteRewardClient
     from rayrlhf.tiny import build_tiny_model
+    from rayrlhf.trainer import free_port
 
     model = build_tiny_model(tmp_path / "rm", kind="reward")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     proc = subprocess.Popen([sys.executable, "-m", "rayrlhf.cli", "serve-rm", "--model", str(model),
                              "--port", str(port), "--token", "t0k"], stdout=subprocess.PIPE, text=True)
     try:
@@ -78,11 +75,9 @@ def test_serve_rm_command_serves_a_reward_model(tmp_path):
 
 def test_remote_reward_failure_inside_an_actor_gives_one_line(tmp_path, prompt_file, tiny_policy, capsys):
     """The reward actor's client gives up on a dead server: the run stops with the client's message."""
-    import socket
+    from rayrlhf.trainer import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]  # nothing listens here once the socket is closed
+    dead = free_port("127.0.0.1")  # nothing listens here
     code = main(["train", "--config", "conf/tiny_ppo.yaml", f"output_dir={tmp_path}",
                  f"model.path={tiny_policy}", "model.build_tiny=false", "reward.function=",
                  f"data.path={prompt_file}",

@@ -1,14 +1,12 @@
 """actor.compile: the trainer's compiled layers train exactly as the eager ones do."""
 
-import socket
-
 import torch
 
 from rayrlhf.algorithms import response_mask
 from rayrlhf.batch import build_batch
 from rayrlhf.config import load_config
 from rayrlhf.modeling import load_causal_lm
-from rayrlhf.trainer import TrainerWorker
+from rayrlhf.trainer import TrainerWorker, free_port
 
 
 def _grpo_batch():
@@ -30,11 +28,8 @@ def _worker(model_path: str, compile_: bool) -> TrainerWorker:
                  "actor.zero_stage=0", "actor.packing=true", f"actor.compile={compile_}"]
     cfg = load_config("conf/tiny_grpo.yaml", overrides)
     worker = TrainerWorker("actor", 0, 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker.setup("127.0.0.1", port, model_path, cfg.actor, 6, cfg.model, seed=0, algo_cfg=cfg.algorithm,
-                 norm_len=cfg.rollout.max_new_tokens)
+    worker.setup("127.0.0.1", free_port("127.0.0.1"), model_path, cfg.actor, 6, cfg.model, seed=0,
+                 algo_cfg=cfg.algorithm, norm_len=cfg.rollout.max_new_tokens)
     return worker
 
 
