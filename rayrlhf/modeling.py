@@ -129,7 +129,7 @@ def _scoring_inputs(batch: Batch, packing: str):
         return _model_inputs(batch), lambda out: out[:, start:-1]
     rows = pack_rows(batch, share_prompts=packing == "prompts")
     # The linear layers see only the real tokens (see _packed_attention): the rows' end padding
-    # is 10-15% of the grid for GRPO groups of uneven responses.
+    # is 10-20% of the grid for GRPO groups of uneven responses.
     real = rows.segment_ids.flatten() > 0
     slots = real.nonzero().squeeze(1)
     tokens = torch.zeros(real.numel(), dtype=torch.long, device=real.device)
