@@ -6,6 +6,11 @@ them, compute group advantages, forward + backward, optimizer step). Model loadi
 and the W warm-up steps are excluded. samples_per_s = (S - W) * P * N / that time, the same unit
 as our runs report (one sample = one prompt-completion pair).
 
+With --paced, each step waits for a line on stdin and is timed from that line to its end; the
+script writes "rayrlhf-pace ready" before the first step and "rayrlhf-pace done K" after step K
+on stdout. `rayrlhf bench` uses this to run TRL's steps in turn with its own, so that both are
+measured over the same minutes of a machine whose speed drifts. It stops at the end of stdin.
+
 Why the settings match ours (rayrlhf `algorithm.estimator=grpo`, `ppo_epochs=1`,
 `train_batch_size = prompts_per_step x rollout.n`, KL coefficient 0):
 - every step samples N completions for each of P fresh prompts (temperature T, top_p 1, no top_k,
@@ -58,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, required=True, help="torch.set_num_threads")
     parser.add_argument("--output", required=True, help="JSON file for the result")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--paced", action="store_true", help="run each step when stdin says so (see above)")
     args = parser.parse_args()
     if args.num_generations < 2:
         fail(f"--num-generations must be >= 2 (GRPO compares a prompt's samples), got {args.num_generations}")
@@ -133,16 +139,36 @@ def main() -> None:
         disable_tqdm=True, log_completions=False,
     )
 
-    marks: dict[int, float] = {}
+    step_seconds: list[float] = []
+    started = [0.0]
+    paced = args.paced
+
+    def wait_for_turn(message: str) -> None:
+        print(f"rayrlhf-pace {message}", flush=True)
+        if not sys.stdin.readline():
+            sys.exit(0)  # the bench is done with us
+        started[0] = time.perf_counter()
 
     class StepTimer(TrainerCallback):
-        """perf_counter at the start of step 1 (mark 0) and at the end of every step k (mark k)."""
+        """Each step's seconds: from the end of the one before (or its turn, when paced) to its end."""
 
         def on_step_begin(self, args, state, control, **kwargs):
-            marks.setdefault(state.global_step, time.perf_counter())
+            if state.global_step == 0:
+                if paced:
+                    wait_for_turn("ready")
+                else:
+                    started[0] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            marks[state.global_step] = time.perf_counter()
+            now = time.perf_counter()
+            step_seconds.append(now - started[0])
+            started[0] = now
+            if not paced:
+                return
+            if state.global_step < state.max_steps:
+                wait_for_turn(f"done {state.global_step}")
+            else:
+                print(f"rayrlhf-pace done {state.global_step}", flush=True)
 
     trainer = GRPOTrainer(model=args.model, reward_funcs=alphabet_reward, args=config,
                           train_dataset=Dataset.from_list(rows), callbacks=[StepTimer()])
@@ -151,15 +177,14 @@ def main() -> None:
         trainer.train()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if args.steps not in marks:
-        fail(f"training stopped after {max(marks, default=0)} of {args.steps} steps")
+    if len(step_seconds) != args.steps:
+        fail(f"training stopped after {len(step_seconds)} of {args.steps} steps")
 
-    timed = args.steps - args.warmup_steps
-    seconds = marks[args.steps] - marks[args.warmup_steps]
+    timed = step_seconds[args.warmup_steps:]
     result = {
-        "samples_per_s": timed * batch / seconds,
-        "seconds_per_step": seconds / timed,
-        "steps_timed": timed,
+        "samples_per_s": len(timed) * batch / sum(timed),
+        "seconds_per_step": sum(timed) / len(timed),
+        "step_seconds": timed,
         "prompts_per_step": args.prompts_per_step,
         "num_generations": args.num_generations,
         "max_new_tokens": args.max_new_tokens,

@@ -5,9 +5,9 @@ iterations are left out. For each point: seconds per stage (generate; experience
 reference, old log-probs, values; train; weight sync; other = what no stage accounts for),
 samples/s and tokens/s for the step and each stage, and the training stage's model FLOPs
 utilisation when `bench.peak_tflops` is known. Beside it, in the same run: TRL's GRPOTrainer on the
-configured point, just before and just after ours (benchmarks/trl_grpo.py, a separate process;
-its rate is the mean of the two), and the weight sync against a plain memory copy of the same
-bytes. Writes bench.json, bench.csv and bench.png to output_dir.
+configured point, in a process of its own that takes one step after each of ours (see `PacedTRL`),
+and the weight sync against a plain memory copy of the same bytes. Writes bench.json, bench.csv
+and bench.png to output_dir.
 """
 
 from __future__ import annotations
@@ -16,23 +16,32 @@ import csv
 import json
 import math
 import os
+import queue
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rayrlhf.config import validate
+from rayrlhf.config import ConfigError, validate
 from rayrlhf.driver import prepare_models, train
 from rayrlhf.tasks import TASKS
 
 STAGES = ("generate", "experience", "train", "weight_sync")
 TRL_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "trl_grpo.py"
+# How long the bench waits for TRL's next word (its start-up, a step, its exit) before giving up.
+TRL_SILENCE_S = 600
 
 
 def run_bench(cfg: DictConfig) -> dict:
+    if cfg.bench.trl and cfg.trainer.async_rollout:
+        raise ConfigError("bench.trl: TRL takes its steps between ours, where asynchronous rollouts would "
+                          "be generating beside it; set bench.trl=false with trainer.async_rollout=true")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = {"base": []}
@@ -43,23 +52,20 @@ def run_bench(cfg: DictConfig) -> dict:
     configs = {name: point_config(cfg, out / name, overrides) for name, overrides in points.items()}
     prepare_models(cfg)
     params = count_parameters(cfg.model.path)
-    # TRL runs just before and just after the base point, and the memory copy right after it: a
-    # shared VM's speed drifts by tens of percent within minutes, and bracketing cancels a steady
-    # drift. Without a cluster to connect to, each point starts its own local one, so that none
-    # is running beside TRL.
-    trl_runs = [trl_baseline(cfg, out, "before")] if cfg.bench.trl else []
-    base = measure("base", configs.pop("base"), params)
+    # The memory copy runs right after the base point, as TRL runs beside it: a shared VM's speed
+    # drifts by tens of percent within minutes.
+    trl = PacedTRL(cfg, out) if cfg.bench.trl else None
+    try:
+        base = measure("base", configs.pop("base"), params, after_step=trl.take_turn if trl else None)
+    finally:
+        baseline = trl.finish() if trl else {"trl/samples_per_s": None}
     sync = sync_vs_memcpy(base)
-    if trl_runs and trl_runs[0]["trl/samples_per_s"] is not None:
-        trl_runs.append(trl_baseline(cfg, out, "after"))
-    baseline = mean_trl(trl_runs)
     results = [base] + [measure(name, point_cfg, params) for name, point_cfg in configs.items()]
     report = {"model/path": cfg.model.path, "model/parameters": params, "points": results,
               "ours/samples_per_s": base["samples_per_s"],
               "unattributed_frac": base["seconds/other"] / base["seconds/step"],
               "weight_sync": sync, "growth": growth(results), **baseline}
-    trl = report["trl/samples_per_s"]
-    report["ratio_vs_trl"] = base["samples_per_s"] / trl if trl else None
+    report |= compare(base, baseline)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     write_csv(results, out / "bench.csv")
     plot(report, out / "bench.png")
@@ -82,9 +88,10 @@ def count_parameters(path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def measure(name: str, cfg: DictConfig, params: int) -> dict:
-    """Means over the iterations after warm-up."""
-    rows = train(cfg)[cfg.bench.warmup_steps:]
+def measure(name: str, cfg: DictConfig, params: int,
+            after_step: Callable[[dict], None] | None = None) -> dict:
+    """Means over the iterations after warm-up, and each iteration's seconds."""
+    rows = train(cfg, after_step)[cfg.bench.warmup_steps:]
 
     def mean(key: str) -> float:
         return sum(r[key] for r in rows) / len(rows)
@@ -93,7 +100,8 @@ def measure(name: str, cfg: DictConfig, params: int) -> dict:
     tokens = mean("response/length_mean") * samples
     result = {"point": name, "prompts_per_step": cfg.trainer.prompts_per_step, "n": cfg.rollout.n,
               "max_new_tokens": cfg.rollout.max_new_tokens, "samples_per_step": samples,
-              "response_tokens_per_step": tokens, "seconds/step": mean("time/step")}
+              "response_tokens_per_step": tokens, "seconds/step": mean("time/step"),
+              "seconds/each_step": [r["time/step"] for r in rows]}
     for stage in STAGES:
         seconds = mean(f"time/{stage}")
         result |= {f"seconds/{stage}": seconds, f"samples_per_s/{stage}": samples / seconds,
@@ -148,44 +156,105 @@ def growth(results: list[dict]) -> dict[str, str]:
     return words
 
 
-def trl_baseline(cfg: DictConfig, out: Path, when: str) -> dict:
-    """TRL's GRPOTrainer on the configured point, in its own process with every core."""
-    prompts = out / "trl_prompts.jsonl"
-    texts = TASKS[cfg.data.task].prompts(max(256, cfg.trainer.prompts_per_step * 4), cfg.seed, False)
-    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
-    result = out / f"trl_{when}.json"
-    command = [sys.executable, str(TRL_SCRIPT), "--model", cfg.model.path, "--prompts", str(prompts),
-               "--num-generations", str(cfg.rollout.n), "--max-new-tokens", str(cfg.rollout.max_new_tokens),
-               "--prompts-per-step", str(cfg.trainer.prompts_per_step),
-               "--steps", str(cfg.bench.warmup_steps + cfg.bench.steps),
-               "--warmup-steps", str(cfg.bench.warmup_steps), "--lr", str(cfg.actor.lr),
-               "--seed", str(cfg.seed),
-               "--threads", str(os.cpu_count()), "--output", str(result),
-               "--temperature", str(cfg.rollout.temperature)]
-    env = {**os.environ, "PYTHONPATH": str(TRL_SCRIPT.parent.parent)}
-    print(f"== trl: GRPOTrainer on the base point, {when} it", flush=True)
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"warning: the TRL baseline did not run: {reason}", flush=True)
-        return {"trl/samples_per_s": None, "trl/error": reason}
-    trl = json.loads(result.read_text())
-    return {"trl/samples_per_s": trl["samples_per_s"], "trl/version": trl["trl_version"]}
+class PacedTRL:
+    """TRL's GRPOTrainer on the configured point (benchmarks/trl_grpo.py --paced), in a process of
+    its own that takes one step after each of ours and waits while ours run: both are measured
+    over the same minutes, step by step, on a machine whose speed drifts by tens of percent
+    within minutes. It starts beside our set-up; its output goes to trl.log in output_dir."""
+
+    def __init__(self, cfg: DictConfig, out: Path):
+        prompts = out / "trl_prompts.jsonl"
+        texts = TASKS[cfg.data.task].prompts(max(256, cfg.trainer.prompts_per_step * 4), cfg.seed, False)
+        prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+        self.result_path, self.log_path = out / "trl.json", out / "trl.log"
+        self.result_path.unlink(missing_ok=True)
+        command = [sys.executable, str(TRL_SCRIPT), "--paced", "--model", cfg.model.path,
+                   "--prompts", str(prompts), "--num-generations", str(cfg.rollout.n),
+                   "--max-new-tokens", str(cfg.rollout.max_new_tokens),
+                   "--prompts-per-step", str(cfg.trainer.prompts_per_step),
+                   "--steps", str(cfg.bench.warmup_steps + cfg.bench.steps),
+                   "--warmup-steps", str(cfg.bench.warmup_steps), "--lr", str(cfg.actor.lr),
+                   "--seed", str(cfg.seed), "--threads", str(os.cpu_count()),
+                   "--output", str(self.result_path), "--temperature", str(cfg.rollout.temperature)]
+        env = {**os.environ, "PYTHONPATH": str(TRL_SCRIPT.parent.parent)}
+        print("== trl: GRPOTrainer on the base point, a step after each of ours", flush=True)
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=log, text=True)
+        self.ready = False
+        self.error: str | None = None
+        self.said: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._listen, daemon=True).start()
+
+    def _listen(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("rayrlhf-pace "):
+                self.said.put(line.split()[1])
+        self.said.put(None)  # its output ended
+
+    def _expect(self, word: str) -> bool:
+        """Waits for TRL's next "rayrlhf-pace" line, which must say `word`."""
+        try:
+            said = self.said.get(timeout=TRL_SILENCE_S)
+        except queue.Empty:
+            return self._failed(f"no word from it in {TRL_SILENCE_S} s")
+        return said == word or self._failed()
+
+    def _failed(self, reason: str | None = None) -> bool:
+        """Stops TRL and keeps why: `reason`, else the last line of its log."""
+        self.proc.kill()
+        self.proc.wait()
+        lines = self.log_path.read_text().strip().splitlines()
+        self.error = reason or (lines[-1] if lines else f"it exited with status {self.proc.returncode}")
+        print(f"warning: the TRL baseline stopped: {self.error}", flush=True)
+        return False
+
+    def take_turn(self, _metrics: dict) -> None:
+        """TRL's next step, run now that ours is over (no-op once TRL has failed)."""
+        if self.error is None and not self.ready:
+            self.ready = self._expect("ready")
+        if self.error is not None:
+            return
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._failed()
+            return
+        self._expect("done")
+
+    def finish(self) -> dict:
+        """TRL's rate over its steps after warm-up, with each step's seconds, or why there is none."""
+        if self.error is None:
+            self.proc.stdin.close()
+            try:
+                if self.proc.wait(timeout=TRL_SILENCE_S) != 0 or not self.result_path.is_file():
+                    self._failed()
+            except subprocess.TimeoutExpired:
+                self._failed(f"it did not exit within {TRL_SILENCE_S} s of its last step")
+        if self.error is not None:
+            return {"trl/samples_per_s": None, "trl/error": self.error}
+        trl = json.loads(self.result_path.read_text())
+        return {"trl/samples_per_s": trl["samples_per_s"], "trl/seconds/each_step": trl["step_seconds"],
+                "trl/version": trl["trl_version"]}
 
 
-def mean_trl(runs: list[dict]) -> dict:
-    """TRL's rate as the mean of its runs around the base point (each also reported), or why
-    there is none."""
-    rates = [run["trl/samples_per_s"] for run in runs]
-    if not runs or None in rates:
-        return runs[-1] if runs else {"trl/samples_per_s": None}
-    return {"trl/samples_per_s": sum(rates) / len(rates), "trl/samples_per_s_runs": rates,
-            "trl/version": runs[0]["trl/version"]}
+def compare(base: dict, trl: dict) -> dict:
+    """Ours against TRL: the ratio of the rates, and step by step (TRL's seconds over ours, for
+    the steps taken in turn), which shows how much of the ratio the machine's drift moves."""
+    if not trl["trl/samples_per_s"]:
+        return {"ratio_vs_trl": None}
+    per_step = [theirs / ours for ours, theirs in zip(base["seconds/each_step"], trl["trl/seconds/each_step"],
+                                                      strict=True)]
+    return {"ratio_vs_trl": base["samples_per_s"] / trl["trl/samples_per_s"],
+            "ratio_vs_trl/each_step": per_step, "ratio_vs_trl/median_step": statistics.median(per_step)}
 
 
 def write_csv(results: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        # One row per point: its figures, not its per-iteration lists.
+        fields = [key for key, value in results[0].items() if not isinstance(value, list)]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
 

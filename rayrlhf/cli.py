@@ -86,6 +86,8 @@ def _run(command: str, config: Path, overrides: list[str]) -> str:
         keys = ("model/parameters", "ours/samples_per_s", "trl/samples_per_s", "ratio_vs_trl",
                 "unattributed_frac")
         summary = {k: report[k] for k in keys}
+        if report["ratio_vs_trl"] is not None:
+            summary["ratio_vs_trl/median_step"] = report["ratio_vs_trl/median_step"]
         summary["weight_sync/times_memcpy"] = report["weight_sync"]["times_memcpy"]
         summary |= {f"growth/{k}": v for k, v in report["growth"].items()}
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -32,8 +33,9 @@ from rayrlhf.system import RLHFSystem, Rollout
 from rayrlhf.tiny import ensure_tiny_model
 
 
-def train(cfg: DictConfig) -> list[dict[str, float]]:
-    """Runs PPO (or a critic-free relative) as configured; returns the per-iteration metrics."""
+def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> list[dict[str, float]]:
+    """Runs PPO (or a critic-free relative) as configured; returns the per-iteration metrics.
+    `after_step` gets each iteration's metrics once they are logged (the bench paces TRL by it)."""
     output_dir = Path(cfg.output_dir)
     tokenizer = prepare_models(cfg)
     prompts = load_prompts(cfg.data, tokenizer, cfg.seed)
@@ -93,6 +95,8 @@ def train(cfg: DictConfig) -> list[dict[str, float]]:
             metrics |= system.memory() | system.take_role_seconds()
             log.log(metrics)
             history.append(metrics)
+            if after_step is not None:
+                after_step(metrics)
             every = cfg.trainer.checkpoint_every
             if (every and step % every == 0) or stop.signum:
                 saved = save_checkpoint(system, output_dir, step, kl_ctl, sampler,

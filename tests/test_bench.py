@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rayrlhf.bench import growth, mean_trl, run_bench
-from rayrlhf.config import load_config
+from rayrlhf.bench import compare, growth, run_bench
+from rayrlhf.config import ConfigError, load_config
 from rayrlhf.modeling import load_causal_lm
 
 
@@ -26,13 +26,19 @@ def test_growth_is_stated_in_words():
     assert growth([point(8, 16, 32, 512, 2.0)]) == {}
 
 
-def test_trl_rate_is_the_mean_of_the_runs_around_ours_or_says_why_there_is_none():
-    run = {"trl/samples_per_s": 10.0, "trl/version": "1"}
-    mean = mean_trl([run, run | {"trl/samples_per_s": 14.0}])
-    assert mean["trl/samples_per_s"] == 12.0 and mean["trl/samples_per_s_runs"] == [10.0, 14.0]
-    failed = {"trl/samples_per_s": None, "trl/error": "out of memory"}
-    assert mean_trl([run, failed]) == failed and mean_trl([failed]) == failed
-    assert mean_trl([]) == {"trl/samples_per_s": None}
+def test_ours_against_trl_is_the_ratio_of_rates_and_of_each_pair_of_steps():
+    ours = {"samples_per_s": 30.0, "seconds/each_step": [1.0, 1.2]}
+    trl = {"trl/samples_per_s": 20.0, "trl/seconds/each_step": [1.5, 1.5]}
+    assert compare(ours, trl) == {"ratio_vs_trl": 1.5, "ratio_vs_trl/each_step": [1.5, 1.25],
+                                  "ratio_vs_trl/median_step": 1.375}
+    assert compare(ours, {"trl/samples_per_s": None, "trl/error": "out of memory"}) == {"ratio_vs_trl": None}
+
+
+def test_bench_refuses_trl_beside_asynchronous_rollouts(tmp_path):
+    cfg = load_config("conf/bench_cpu.yaml", [f"output_dir={tmp_path}", "trainer.async_rollout=true",
+                                                    "algorithm.tis_cap=2.0"])
+    with pytest.raises(ConfigError, match="bench.trl"):
+        run_bench(cfg)
 
 
 @pytest.mark.integration
@@ -51,15 +57,17 @@ def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_pol
     assert 0 <= report["unattributed_frac"] < 0.2
     assert report["weight_sync"]["bytes"] > 0 and report["weight_sync"]["times_memcpy"] > 1
     assert base["train/mfu"] is None and base["train/tflops_per_s"] > 0  # no peak figure on CPU
-    # TRL is optional: either it ran on the same point, before and after ours (its rate is the
-    # mean of the two), or the report says why not.
+    assert base["seconds/step"] == pytest.approx(sum(base["seconds/each_step"]) / 2)
+    # TRL is optional: either it ran on the same point, a step after each of ours, or the report
+    # says why not.
     if report["trl/samples_per_s"] is None:
         assert "pip install trl" in report["trl/error"] and report["ratio_vs_trl"] is None
     else:
-        runs = report["trl/samples_per_s_runs"]
-        assert len(runs) == 2 and report["trl/samples_per_s"] == pytest.approx(sum(runs) / 2)
-        ours_over_trl = base["samples_per_s"] / report["trl/samples_per_s"]
-        assert report["ratio_vs_trl"] == pytest.approx(ours_over_trl)
+        trl_steps = report["trl/seconds/each_step"]
+        assert len(trl_steps) == 2 and report["trl/samples_per_s"] == pytest.approx(2 * 32 / sum(trl_steps))
+        assert report["ratio_vs_trl"] == pytest.approx(base["samples_per_s"] / report["trl/samples_per_s"])
+        assert report["ratio_vs_trl/each_step"] == pytest.approx(
+            [theirs / ours for ours, theirs in zip(base["seconds/each_step"], trl_steps, strict=True)])
     assert json.loads((tmp_path / "bench.json").read_text())["points"][0]["point"] == "base"
     assert [r["point"] for r in csv.DictReader((tmp_path / "bench.csv").open())] == ["base"]
     assert Path(tmp_path / "bench.png").stat().st_size > 10_000
