@@ -41,7 +41,7 @@ def main() -> None:
     bucket_bytes = int(cfg.weight_sync.bucket_mb * 2**20)
     plan = weight_sync.plan_buckets(weight_sync.parameter_specs(policy), bucket_bytes)
     path, shared = weight_sync.create_shared_file(plan)
-    engine.map_shared_weights(path, weight_sync.shared_offsets(plan)[-1])
+    engine.map_shared_weights(path, plan)
     os.unlink(path)
     nbytes = weight_sync.send_buckets(policy, plan, is_sender=True, device=torch.device("cpu"), shared=shared)
 

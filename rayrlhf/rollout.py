@@ -67,8 +67,8 @@ class RolloutWorker:
         self.llm.collective_rpc(weight_sync.engine_join,
                                 args=(master_addr, port, first_rank, world_size, backend, timeout_s))
 
-    def map_shared_weights(self, path: str, size: int) -> None:
-        self.llm.collective_rpc(weight_sync.engine_map, args=(path, size))
+    def map_shared_weights(self, path: str, plan) -> None:
+        self.llm.collective_rpc(weight_sync.engine_map, args=(path, plan))
 
     def receive_weights(self, plan, ipc_handle: tuple | None = None) -> None:
         """The actor's weights (see weight_sync); an engine asleep gets memory for them first,

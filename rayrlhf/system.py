@@ -291,8 +291,7 @@ class RLHFSystem:
             tqdm.write(f"weight sync: {message}; using the collective transport")
             return False
         try:
-            size = weight_sync.shared_offsets(self.plan)[-1]
-            self._wait(self.rollout.call("map_shared_weights", path, size), "weight sync shared memory")
+            self._wait(self.rollout.call("map_shared_weights", path, self.plan), "weight sync shared memory")
         finally:
             self._wait(sender.unlink_shared_weights.remote(), "weight sync shared memory")
         return True

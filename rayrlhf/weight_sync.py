@@ -228,8 +228,9 @@ def engine_join(worker, master_addr: str, port: int, first_rank: int, world_size
                                            world_size, backend, timeout_s)
 
 
-def engine_map(worker, path: str, size: int) -> None:
-    worker.rayrlhf_shared = map_shared_file(path, size)
+def engine_map(worker, path: str, plan: list[list[ParamSpec]]) -> None:
+    worker.rayrlhf_shared = map_shared_file(path, shared_offsets(plan)[-1])
+    worker.rayrlhf_read_in_place = read_packed_weights_in_place(worker, worker.rayrlhf_shared, plan)
 
 
 def engine_receive(worker, plan: list[list[ParamSpec]], ipc_handle: tuple | None = None) -> None:
@@ -253,9 +254,10 @@ def engine_receive(worker, plan: list[list[ParamSpec]], ipc_handle: tuple | None
 # blocked layout and drops the plain tensor, so a new weight can only come in through its
 # layer-by-layer reload: every layer's tensors allocated afresh, loaded, re-packed, copied back
 # (most of a sync's time). An engine started after `keep_plain_linear_weights` keeps the plain
-# weights (their memory once more), so a sync loads into them with the model's own
-# `load_weights` and re-packs each layer with vLLM's own packing: the same result, without the
-# allocations and the bookkeeping.
+# weights, so a sync loads into them with the model's own `load_weights` and re-packs each layer
+# with vLLM's own packing: the same result, without the allocations and the bookkeeping. With
+# the shared-memory file mapped, the packed layers' plain weights are views of the file itself
+# (`read_packed_weights_in_place`), so a sync re-packs straight from it and loads only the rest.
 
 def keep_plain_linear_weights() -> None:
     """Makes vLLM's CPU linear-layer packing keep each plain weight (call before the engine
@@ -276,27 +278,65 @@ def keep_plain_linear_weights() -> None:
     utils.dispatch_cpu_unquantized_gemm = pack_keeping_weight
 
 
-def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:
-    """Loads `weights` into the kept plain weights and re-packs every packed layer. Returns
-    False, having read nothing, where vLLM's reload is needed instead: an engine that did not
-    keep its plain weights (GPU engines, or worker processes of their own), a quantized model,
-    or layers whose loaded weights vLLM transforms in other ways."""
+def _in_place_packing(worker):
+    """vLLM's CPU packing function where a sync can load in place (see `load_in_place`), else None."""
     from vllm.model_executor.layers import utils
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     pack = getattr(getattr(utils, "dispatch_cpu_unquantized_gemm", None), "original", None)
-    if pack is None:
-        return False
-    model = worker.get_model()
-    modules = list(model.modules())
+    modules = list(worker.get_model().modules())
     plain_methods = (type(None), UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
-    if (worker.model_config.quantization is not None
+    if (pack is None or worker.model_config.quantization is not None
             or not all(type(getattr(m, "quant_method", None)) in plain_methods for m in modules)
             or not all(getattr(m, "rayrlhf_repack", True) for m in modules)):
+        return None
+    return pack
+
+
+def read_packed_weights_in_place(worker, shared: torch.Tensor, plan: list[list[ParamSpec]]) -> set[str]:
+    """Makes each packed layer's plain weight a view of its bytes in the mapped file, where the
+    file holds them in the engine's layout: one HF weight, or the HF weights vLLM stacks into one
+    (q, k, v; gate, up), side by side in that order. Returns the HF names now read in place.
+
+    Nothing but re-packing reads these plain weights, and every sync writes the whole file before
+    the engine re-packs, so the trainer's updates in between change nothing the engine computes."""
+    if _in_place_packing(worker) is None:
+        return set()
+    model = worker.get_model()
+    views = dict(shared_weights(shared, plan))
+    stacked = getattr(model, "packed_modules_mapping", {})
+    read_in_place: set[str] = set()
+    for name, layer in model.named_modules():
+        if not getattr(layer, "rayrlhf_repack", False):
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        hf_names = [f"{prefix}.{part}.weight".lstrip(".") for part in stacked.get(leaf, [leaf])]
+        parts = [views.get(hf_name) for hf_name in hf_names]
+        if any(part is None or part.dtype != layer.weight.dtype for part in parts):
+            continue
+        first, rows = parts[0], sum(part.shape[0] for part in parts)
+        side_by_side = all(a.data_ptr() + a.numel() * a.element_size() == b.data_ptr()
+                           for a, b in zip(parts, parts[1:], strict=False))
+        if not side_by_side or (rows, *first.shape[1:]) != tuple(layer.weight.shape):
+            continue
+        layer.weight.data = first.as_strided((rows, *first.shape[1:]), first.stride())
+        read_in_place.update(hf_names)
+    return read_in_place
+
+
+def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:
+    """Loads `weights` into the kept plain weights (skipping those read in place) and re-packs
+    every packed layer. Returns False, having read nothing, where vLLM's reload is needed instead:
+    an engine that did not keep its plain weights (GPU engines, or worker processes of their own),
+    a quantized model, or layers whose loaded weights vLLM transforms in other ways."""
+    pack = _in_place_packing(worker)
+    if pack is None:
         return False
-    model.load_weights(weights)
-    for layer in modules:
+    read_in_place = getattr(worker, "rayrlhf_read_in_place", set())
+    model = worker.get_model()
+    model.load_weights((name, tensor) for name, tensor in weights if name not in read_in_place)
+    for layer in model.modules():
         if hasattr(layer, "rayrlhf_repack"):
             pack(layer, remove_weight=False)
     return True

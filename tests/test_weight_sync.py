@@ -17,8 +17,9 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize(("eager", "placed", "block_size"), [(True, True, 32), (False, False, 0)],
                          ids=["eager-weights_in_file-blocks_of_32", "compiled-weights_copied"])
 def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager, placed, block_size):
-    """vLLM's CPU backend packs the linear layers' weights; the engine keeps the plain ones, loads
-    each sync into them and packs again, also into a compiled model (enforce_eager false). A layer
+    """vLLM's CPU backend packs the linear layers' weights; the engine keeps the plain ones (the
+    packed layers' as views of the shared file), loads each sync into the rest and packs again,
+    also into a compiled model (enforce_eager false). A layer
     left with its old packing (or a sync that fell back to vLLM's reload) fails this. The trainer's
     weights either live in the file (place_in_shared: updated there, nothing copied at the sync)
     or are copied into it at each sync. The KV cache has vLLM's blocks or rollout.block_size's."""
@@ -41,8 +42,14 @@ def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager, 
     policy = load_causal_lm(tiny_policy, "float32")
     plan = weight_sync.plan_buckets(weight_sync.parameter_specs(policy), bucket_bytes=64 * 1024)
     path, shared = weight_sync.create_shared_file(plan)
-    engine.map_shared_weights(path, weight_sync.shared_offsets(plan)[-1])
+    engine.map_shared_weights(path, plan)
     os.unlink(path)
+    # The packed layers' weights lie in the file as the engine stacks them (q, k, v; gate, up), so
+    # they are re-packed straight from it; the embeddings and norms load as before.
+    read_in_place = engine.llm.collective_rpc(lambda worker: sorted(worker.rayrlhf_read_in_place))[0]
+    projections = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    assert read_in_place == sorted(f"model.layers.{i}.{proj}.weight"
+                                   for i in range(policy.config.num_hidden_layers) for proj in projections)
     if placed:
         assert weight_sync.place_in_shared(policy, shared, plan) == len(list(policy.parameters()))
         file_start = shared.data_ptr()
