@@ -52,8 +52,8 @@ def run_bench(cfg: DictConfig) -> dict:
     configs = {name: point_config(cfg, out / name, overrides) for name, overrides in points.items()}
     prepare_models(cfg)
     params = count_parameters(cfg.model.path)
-    # The memory copy runs right after the base point, as TRL runs beside it: a shared VM's speed
-    # drifts by tens of percent within minutes.
+    # TRL takes its steps in turn with the base point's, and the memory copy runs right after it:
+    # a shared VM's speed drifts by tens of percent within minutes.
     trl = PacedTRL(cfg, out) if cfg.bench.trl else None
     try:
         base = measure("base", configs.pop("base"), params, after_step=trl.take_turn if trl else None)

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.integration
 def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, monkeypatch, eager, placed, block_size):
     """vLLM's CPU backend packs the linear layers' weights; the engine keeps the plain ones (the
     packed layers' as views of the shared file), loads each sync into the rest and packs again,
-    also into a compiled model (enforce_eager false). A layer
-    left with its old packing (or a sync that fell back to vLLM's reload) fails this. The trainer's
-    weights either live in the file (place_in_shared: updated there, nothing copied at the sync)
-    or are copied into it at each sync. The KV cache has vLLM's blocks or rollout.block_size's."""
+    also into a compiled model (enforce_eager false). A layer left with its old packing (or a sync
+    that fell back to vLLM's reload) fails this. The trainer's weights either live in the file
+    (place_in_shared: updated there, nothing copied at the sync) or are copied into it at each
+    sync. The KV cache has vLLM's blocks or rollout.block_size's."""
     from rayrlhf.rollout import RolloutWorker
 
     cfg = load_config("conf/tiny_ppo.yaml", ["rollout.max_new_tokens=6", f"rollout.enforce_eager={eager}",
