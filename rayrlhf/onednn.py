@@ -7,19 +7,38 @@ too, runs AVX-512 there, about twice the GEMM throughput on the AMD EPYC measure
 MKL runs AVX-512 itself and was the faster of the two in every product of the train stage
 (benchmarks/train_layouts.py measures both in one process). So `auto` picks oneDNN on AMD only.
 The forward GEMM and both backward GEMMs go through oneDNN, in fp32. Every other call (GPU,
-bf16, autocast, ZeRO-3 partitioned weights) is torch's own.
+bf16, autocast, ZeRO-3 partitioned weights, and layers under torch.compile, whose inductor cannot
+lower oneDNN's private op) is torch's own. The op is private to torch, so `available()` also
+checks once per process that it runs and agrees with torch's linear; where not, the layers stay
+torch's, with one line saying so.
 """
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
 
 
+@functools.cache
 def available() -> bool:
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if not (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((3, 16), (8, 16), (8,)))
+    try:
+        works = torch.allclose(_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
+                               rtol=1e-4, atol=1e-5)
+    except RuntimeError as err:
+        works, why = False, f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    else:
+        why = "its results differ from torch's linear"
+    if not works:
+        print(f"model.linear_backend: oneDNN's linear cannot be used here ({why}); torch's linear "
+              "layers are kept", flush=True)
+    return works
 
 
 def cpu_vendor() -> str:
@@ -74,7 +93,7 @@ class OneDNNLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and x.dim() >= 2
                 and x.numel() and not hasattr(self.weight, "ds_id")  # a ZeRO-3 partition
-                and not torch.is_autocast_enabled("cpu")):
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return _LinearFunction.apply(x, self.weight, self.bias)
         return super().forward(x)
 

@@ -76,9 +76,11 @@ def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_pol
 def test_train_layouts_benchmark_times_each_layout_on_real_trainer_ranks(tmp_path, tiny_policy):
     """benchmarks/train_layouts.py: the layouts of one GRPO batch on real DeepSpeed ranks (an
     eager one, and a compiled one for shared+compiled); sharing prompts computes fewer positions
-    than packing, which computes fewer than padding."""
+    than packing, which computes fewer than padding. oneDNN's linear layers are forced (as `auto`
+    picks them on AMD CPUs), so the compiled rank runs them beside torch.compile on any CPU."""
     out = tmp_path / "layouts.json"
-    overrides = [f"model.path={tiny_policy}", "model.build_tiny=false", "trainer.prompts_per_step=4",
+    overrides = [f"model.path={tiny_policy}", "model.build_tiny=false", "model.linear_backend=onednn",
+                 "trainer.prompts_per_step=4",
                  "algorithm.train_batch_size=16", "actor.micro_batch_size=16"]
     subprocess.run([sys.executable, "benchmarks/train_layouts.py", "--config", "conf/bench_cpu.yaml",
                     "--rounds", "2", "--output", str(out), *overrides],

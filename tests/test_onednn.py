@@ -81,3 +81,31 @@ def test_model_linear_backend_picks_the_backend_of_the_scoring_models(tiny_polic
     amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
     onednn = backend == "onednn" or (backend == "auto" and amd)
     assert kinds == ({OneDNNLinear} if onednn else {torch.nn.Linear})
+
+
+def test_an_unusable_onednn_op_keeps_torch_linear_with_one_line(monkeypatch, capsys):
+    """oneDNN's linear is a private torch op: where it fails (or disagrees), nothing is switched."""
+    from rayrlhf import onednn
+
+    def broken(*args):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(onednn, "_linear", broken)
+    onednn.available.cache_clear()
+    try:
+        layer = torch.nn.Linear(16, 8)
+        assert not onednn.onednn_chosen("onednn") and use_onednn_linear(layer) == 0
+        assert type(layer) is torch.nn.Linear
+        assert capsys.readouterr().out.count("oneDNN's linear cannot be used here (RuntimeError: could not "
+                                             "create a primitive)") == 1
+    finally:
+        onednn.available.cache_clear()
+
+
+@pytest.mark.parametrize(("vendor", "expected"), [("AuthenticAMD", True), ("GenuineIntel", False), ("", False)])
+def test_auto_picks_onednn_on_amd_only_whatever_cpu_runs_the_test(monkeypatch, vendor, expected):
+    from rayrlhf import onednn
+
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    assert onednn.onednn_chosen("auto") is expected
+    assert onednn.onednn_chosen("onednn") and not onednn.onednn_chosen("torch")

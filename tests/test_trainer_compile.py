@@ -1,5 +1,7 @@
-"""actor.compile: the trainer's compiled layers train exactly as the eager ones do."""
+"""actor.compile: the trainer's compiled layers train exactly as the eager ones do, with either
+linear backend (forced, so that CI on any CPU vendor runs both: `auto` picks oneDNN on AMD only)."""
 
+import pytest
 import torch
 
 from rayrlhf.algorithms import response_mask
@@ -21,8 +23,9 @@ def _grpo_batch():
     return batch
 
 
-def _worker(model_path: str, compile_: bool) -> TrainerWorker:
+def _worker(model_path: str, compile_: bool, linear_backend: str = "torch") -> TrainerWorker:
     overrides = [f"model.path={model_path}", "trainer.prompts_per_step=2", "rollout.n=3",
+                 f"model.linear_backend={linear_backend}",
                  "algorithm.train_batch_size=6", "algorithm.ppo_epochs=1", "actor.micro_batch_size=6",
                  "critic.micro_batch_size=6",
                  "actor.zero_stage=0", "actor.packing=true", f"actor.compile={compile_}"]
@@ -37,12 +40,20 @@ def _train(worker: TrainerWorker) -> list[dict]:
     return [worker.train(_grpo_batch(), seed=step, kl_coef=0.0)[0] for step in range(2)]
 
 
-def test_compiled_actor_takes_the_eager_actors_steps(tiny_policy):
+@pytest.fixture(scope="module")
+def eager_actor(tiny_policy):
     eager = _worker(tiny_policy, False)
-    eager_stats = _train(eager)
+    return eager, _train(eager)
+
+
+@pytest.mark.parametrize("linear_backend", ["torch", "onednn"])
+def test_compiled_actor_takes_the_eager_actors_steps(tiny_policy, eager_actor, linear_backend):
+    """With oneDNN's linear layers (whose private op inductor cannot lower) the compiled layers
+    fall back to torch's linear; set-up must not fail and the steps must be the same."""
+    eager, eager_stats = eager_actor
     graphs = torch._dynamo.utils.counters["stats"]
     graphs.clear()
-    compiled = _worker(tiny_policy, True)
+    compiled = _worker(tiny_policy, True, linear_backend)
     compiled_at_setup = graphs["unique_graphs"]
     compiled_stats = _train(compiled)
     # Set-up compiled what training runs: nothing was compiled again at the first steps.
