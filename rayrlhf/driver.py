@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 from collections import deque
@@ -53,14 +54,14 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
         system = RLHFSystem(cfg, tokenizer.pad_token_id)
         print(f"placed: {system.placement()}; weight sync by {system.weight_transport}", flush=True)
         kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
-        first_step = 1 if resume_from is None else resume(system, resume_from, kl_ctl, sampler)
+        ahead = cfg.trainer.max_staleness if cfg.trainer.async_rollout else 0
+        rollouts = RolloutQueue(system, sampler, ahead, cfg.trainer.total_steps)
+        first_step = 1 if resume_from is None else resume(system, resume_from, kl_ctl, rollouts)
         log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step, logging_cfg=cfg.logging,
                          config=OmegaConf.to_container(cfg, resolve=True))
         if evaluator and cfg.eval.before_training and first_step == 1:
             log.log({"step": 0, **evaluator(system, 0)}, advance=False)
-        ahead = cfg.trainer.max_staleness if cfg.trainer.async_rollout else 0
         separate_old_logprobs = needs_old_logprob_pass(cfg)
-        rollouts = RolloutQueue(system, sampler, ahead, cfg.trainer.total_steps)
         for step in range(first_step, cfg.trainer.total_steps + 1):
             timer = StageTimer()
             with timer("generate"):
@@ -83,7 +84,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
                 kl_ctl.update(feedback["kl/mean"], len(rollout.batch))
             with timer("weight_sync"):
                 sync_bytes = system.sync_weights()
-                rollouts.version += 1
+            feedback["rollout/generating_at_sync"] = system.generations_in_progress()
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 save_policy(system, tokenizer, output_dir / f"policy_step{step}")
             if evaluator and (step % cfg.eval.every == 0 or step == cfg.trainer.total_steps):
@@ -99,7 +100,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
                 after_step(metrics)
             every = cfg.trainer.checkpoint_every
             if (every and step % every == 0) or stop.signum:
-                saved = save_checkpoint(system, output_dir, step, kl_ctl, sampler,
+                saved = save_checkpoint(system, output_dir, step, kl_ctl, rollouts,
                                         cfg.trainer.keep_checkpoints)
                 if stop.signum:
                     raise Interrupted(f"stopped by signal {stop.signum} after step {step}; checkpoint in "
@@ -121,23 +122,41 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
 
 class RolloutQueue:
     """The batches to train on, in order. On-policy (`ahead` 0), batch k is generated when step k
-    asks for it. Asynchronous, batches k+1..k+ahead are already being generated while step k
-    trains; each remembers the weight version (syncs so far) that was on the engines when it was
-    sent, so its staleness at training time is known and bounded by `ahead`."""
+    asks for it. Asynchronously, batches k+1..k+ahead are already being generated while step k
+    trains, each from the weights the engines hold when it reaches them (see
+    RLHFSystem.sync_weights), so its staleness at training time is known and bounded by `ahead`.
+    A checkpoint keeps the batches already drawn from the sampler (`state`), so a resumed run
+    trains on exactly what the uninterrupted one would have."""
 
     def __init__(self, system: RLHFSystem, sampler: PromptSampler, ahead: int, last_step: int):
         self.system, self.sampler, self.ahead, self.last_step = system, sampler, ahead, last_step
-        self.pending: deque = deque()  # (step, PendingGeneration, version)
-        self.version = 0
+        self.pending: deque = deque()  # (step, PendingGeneration or its finished Rollout)
 
     def next(self, step: int) -> tuple[Rollout, int]:
         """Batch `step` and its staleness (weight updates between its sampling and now)."""
         sent = self.pending[-1][0] if self.pending else step - 1
         for later in range(sent + 1, min(step + self.ahead, self.last_step) + 1):
-            generation = self.system.start_generation(self.sampler.next_batch(), later)
-            self.pending.append((later, generation, self.version))
-        _, generation, version = self.pending.popleft()
-        return self.system.finish_generation(generation), self.version - version
+            self.pending.append((later, self.system.start_generation(self.sampler.next_batch(), later)))
+        _, rollout = self.pending.popleft()
+        rollout = self._finished(rollout)
+        return rollout, self.system.weight_version - rollout.version
+
+    def _finished(self, item) -> Rollout:
+        return item if isinstance(item, Rollout) else self.system.finish_generation(item)
+
+    def state(self) -> dict:
+        """The sampler's position and the batches drawn before it (generation is awaited), their
+        versions relative to the weights now."""
+        self.pending = deque((step, self._finished(item)) for step, item in self.pending)
+        now = self.system.weight_version
+        drawn = [(step, dataclasses.replace(r, version=r.version - now)) for step, r in self.pending]
+        return {"sampler": self.sampler.state(), "drawn": drawn}
+
+    def restore(self, state: dict) -> None:
+        self.sampler.restore(state["sampler"])
+        now = self.system.weight_version
+        self.pending = deque((step, dataclasses.replace(r, version=r.version + now))
+                             for step, r in state["drawn"])
 
 
 def actor_died(err: ray.exceptions.RayActorError, system: RLHFSystem | None, output_dir: Path
@@ -174,22 +193,26 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-def save_checkpoint(system: RLHFSystem, output_dir: Path, step: int, kl_ctl, sampler: PromptSampler,
+ROLLOUTS_FILE = "rollouts.pt"
+
+
+def save_checkpoint(system: RLHFSystem, output_dir: Path, step: int, kl_ctl, rollouts: RolloutQueue,
                     keep: int) -> Path:
     path = checkpoint_dir(output_dir, step)
     system.save_checkpoint(str(path))
-    write_state(path, {"step": step, "kl_coef": kl_ctl.coef, "sampler": sampler.state()})
+    torch.save(rollouts.state(), path / ROLLOUTS_FILE)
+    write_state(path, {"step": step, "kl_coef": kl_ctl.coef})
     prune(output_dir, keep)
     return path
 
 
-def resume(system: RLHFSystem, path: Path, kl_ctl, sampler: PromptSampler) -> int:
-    """Restores trainers (and the engines' weights), KL controller and data position; returns
-    the first step to run."""
+def resume(system: RLHFSystem, path: Path, kl_ctl, rollouts: RolloutQueue) -> int:
+    """Restores trainers (and the engines' weights), KL controller, data position and the batches
+    drawn before it; returns the first step to run."""
     system.load_checkpoint(str(path))
     state = read_state(path)
     kl_ctl.coef = state["kl_coef"]
-    sampler.restore(state["sampler"])
+    rollouts.restore(torch.load(path / ROLLOUTS_FILE, weights_only=False))
     tqdm.write(f"resumed from {path} after step {state['step']}")
     return state["step"] + 1
 

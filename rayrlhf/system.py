@@ -31,14 +31,19 @@ class Rollout:
     fields: dict[str, list]
     # The prompts it was generated from, one entry per prompt.
     source: list[Prompt]
+    # The weight version (syncs before it) of the oldest weights any of its samples came from.
+    version: int = 0
 
 
 @dataclass
 class PendingGeneration:
+    """A generation sent to the engines: shard i goes to engine i. A shard lost with its engine
+    (refs[i] None) is sent again, to the restarted engine, with the weights of that time."""
     prompts: list[Prompt]
     shards: list[tuple]
     greedy: bool
-    refs: list | None = None
+    refs: list
+    versions: list[int]
 
 
 def roles_needed(cfg) -> set[str]:
@@ -133,6 +138,11 @@ class RLHFSystem:
         self.pad_token_id = pad_token_id
         self.groups: list[RoleGroup] = []
         self.engine_restarts = 0
+        # Weight syncs so far; the generations the engines have not finished (oldest first); and,
+        # asynchronously, the engines' loads of the last sync, awaited before the next one writes.
+        self.weight_version = 0
+        self.in_flight: list[PendingGeneration] = []
+        self.loading: list = []
         self.role_seconds: dict[str, float] = {}
         # Colocated roles: actor i of each sits on bundle i of one placement group they share.
         self.shared: dict[str, object] = {}
@@ -281,9 +291,12 @@ class RLHFSystem:
         return transport in ("auto", "shared_memory") and same_node and self.cfg.actor.gpus_per_rank == 0
 
     def _share_weights(self, sender) -> bool:
-        """The engines map a /dev/shm file that actor rank 0 writes to; the file is unlinked at
-        once (the mappings keep it), so no process that dies can leave it behind."""
-        path = self._wait(sender.share_weights.remote(self.plan), "weight sync shared memory")
+        """The engines map a /dev/shm file that actor rank 0 writes to, once it holds the current
+        weights; the file is unlinked at once (the mappings keep it), so no process that dies can
+        leave it behind. Asynchronously, the engines load from it while the actor trains on, so
+        the parameters cannot live in it (the optimizer would write it under a load)."""
+        place = not self.cfg.trainer.async_rollout
+        path = self._wait(sender.share_weights.remote(self.plan, place), "weight sync shared memory")
         if path is None:
             message = f"{weight_sync.SHARED_DIR} has too little free space for the weights"
             if self.cfg.weight_sync.transport == "shared_memory":
@@ -291,6 +304,7 @@ class RLHFSystem:
             tqdm.write(f"weight sync: {message}; using the collective transport")
             return False
         try:
+            self._wait(self.actor.call("send_weights", self.plan), "weight sync shared memory")
             self._wait(self.rollout.call("map_shared_weights", path, self.plan), "weight sync shared memory")
         finally:
             self._wait(sender.unlink_shared_weights.remote(), "weight sync shared memory")
@@ -311,21 +325,22 @@ class RLHFSystem:
         n = len(self.rollout.actors)
         shards = list(zip(split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n),
                           strict=True))
-        pending = PendingGeneration(prompts, shards, greedy)
-        pending.refs = self.rollout.scatter("generate", shards, greedy=greedy)
+        refs = self.rollout.scatter("generate", shards, greedy=greedy)
+        pending = PendingGeneration(prompts, shards, greedy, refs, [self.weight_version] * n)
+        self.in_flight.append(pending)
         return pending
 
     def finish_generation(self, pending: PendingGeneration) -> Rollout:
         def collect():
-            if pending.refs is None:  # lost with an engine: send again
-                pending.refs = self.rollout.scatter("generate", pending.shards, greedy=pending.greedy)
-            try:
-                return self._wait_roles({"rollout_generate": pending.refs}, "generation")["rollout_generate"]
-            except BaseException:
-                pending.refs = None
-                raise
+            for rank, ref in enumerate(pending.refs):
+                if ref is None:  # lost with its engine: to the restarted one, with today's weights
+                    pending.refs[rank] = self.rollout.actors[rank].generate.remote(
+                        *pending.shards[rank], greedy=pending.greedy)
+                    pending.versions[rank] = self.weight_version
+            return self._wait_roles({"rollout_generate": pending.refs}, "generation")["rollout_generate"]
 
         parts = self._with_engines(collect)
+        self.in_flight.remove(pending)
         prompts = pending.prompts
         per_prompt = [s for part in parts for s in part]
         flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True)
@@ -338,7 +353,12 @@ class RLHFSystem:
         batch["truncated"] = torch.tensor([not s.finished for _, s in flat], dtype=torch.float32)
         field_names = flat[0][0].fields.keys()
         return Rollout(batch, [p.text for p, _ in flat], [s.text for _, s in flat],
-                       {k: [p.fields.get(k) for p, _ in flat] for k in field_names}, prompts)
+                       {k: [p.fields.get(k) for p, _ in flat] for k in field_names}, prompts,
+                       min(pending.versions))
+
+    def generations_in_progress(self) -> int:
+        """Generations sent to the engines that they have not finished yet."""
+        return sum(len(ray.wait(p.refs, num_returns=len(p.refs), timeout=0)[1]) > 0 for p in self.in_flight)
 
     # Feedback
 
@@ -390,26 +410,42 @@ class RLHFSystem:
         return stats
 
     def sync_weights(self) -> int:
-        """Actor weights -> every engine; returns the bytes broadcast."""
-        return self._with_engines(self._broadcast_weights)
+        """Actor weights -> every engine; returns the bytes sent. Each engine loads them once it has
+        finished the generations sent before, so every generation sent from now on samples with them.
+        Synchronously that is at once. Asynchronously the engines may still have generations queued:
+        their loads are awaited only before the next sync writes again, so the trainers go on."""
+        sent = self._with_engines(self._broadcast_weights)
+        self.weight_version += 1
+        return sent
 
     def _broadcast_weights(self) -> int:
+        self._finish_loading()
         send = {"actor_send_weights": self.actor.call("send_weights", self.plan)}
         timeout_s = self.cfg.weight_sync.timeout_s
-        if not (self.shared_memory or self.ipc_senders):  # streamed: sent and received at once
-            receive = {"rollout_load_weights": self.rollout.call("receive_weights", self.plan)}
-            return self._wait_roles(send | receive, "weight sync", timeout_s)["actor_send_weights"][0][0]
-        # Written in full, then read: from the shared file, or from each sender's GPU buffer.
-        sent = self._wait_roles(send, "weight sync", timeout_s)["actor_send_weights"]
-        handles = [sent[rank][1] for rank in self.ipc_senders] if self.ipc_senders else \
-            [None] * len(self.rollout.actors)
+        if not (self.shared_memory or self.ipc_senders):  # streamed: the engines receive as it is sent
+            sent = self._wait_roles(send, "weight sync", timeout_s)["actor_send_weights"]
+            self.loading = self.rollout.call("receive_weights", self.plan)
+        else:  # written in full, then read: from the shared file, or from each sender's GPU buffer
+            sent = self._wait_roles(send, "weight sync", timeout_s)["actor_send_weights"]
+            handles = [sent[rank][1] for rank in self.ipc_senders] if self.ipc_senders else \
+                [None] * len(self.rollout.actors)
+            self.loading = self.rollout.scatter("receive_weights",
+                                                [(self.plan, handle) for handle in handles])
+        if not self.cfg.trainer.async_rollout:
+            self._finish_loading()
+        return max(nbytes for nbytes, _ in sent)
+
+    def _finish_loading(self) -> None:
+        """Waits for the engines' loads of the last sync, then frees what they loaded from."""
+        if not self.loading:
+            return
         try:
-            self._wait_roles({"rollout_load_weights": self.rollout.scatter(
-                "receive_weights", [(self.plan, handle) for handle in handles])}, "weight sync", timeout_s)
+            self._wait_roles({"rollout_load_weights": self.loading}, "weight sync",
+                             self.cfg.weight_sync.timeout_s)
         finally:
             if self.ipc_senders:
-                self._wait(self.actor.call("release_weights_buffer"), "weight sync", timeout_s)
-        return max(nbytes for nbytes, _ in sent)
+                self._wait(self.actor.call("release_weights_buffer"), "weight sync")
+        self.loading = []
 
     def release_engines(self) -> None:
         """With rollout.sleep, the engines free their GPU memory until the next weight sync."""
@@ -419,7 +455,9 @@ class RLHFSystem:
     def _with_engines(self, call):
         """call(), which uses the engines. An engine that died (killed, out of memory) is started
         again on its bundle and given the current weights, and call() is tried again, up to
-        rollout.max_restarts engine restarts in the run."""
+        rollout.max_restarts engine restarts in the run. With the collective transport, the engines
+        still inside a load when one died are restarted too: the broadcast they wait in cannot end.
+        The generations the dead engines had queued are sent again (see finish_generation)."""
         while True:
             try:
                 return call()
@@ -427,6 +465,9 @@ class RLHFSystem:
                 dead = self._dead_engines()
                 if not dead:
                     raise
+                if not (self.shared_memory or self.ipc_senders):
+                    _, loading = ray.wait(self.loading, num_returns=len(self.loading), timeout=0)
+                    dead = sorted(set(dead) | {self.loading.index(ref) for ref in loading})
                 self.engine_restarts += len(dead)
                 limit = self.cfg.rollout.max_restarts
                 if self.engine_restarts > limit:
@@ -436,15 +477,23 @@ class RLHFSystem:
                            f"({self.engine_restarts} of rollout.max_restarts={limit} restarts used)")
                 for rank in dead:
                     self.rollout.restart(rank)
+                    for pending in self.in_flight:
+                        pending.refs[rank] = None
+                self.loading = []
                 self._wait([a.__ray_ready__.remote() for a in self.rollout.actors], "engine restart")
                 self._join_weight_sync()  # a group cannot take a new member: every member joins anew
                 self._broadcast_weights()
+                self._finish_loading()
 
     def _dead_engines(self) -> list[int]:
+        """Engines whose process is gone: their liveness probe fails at once, while a live engine's
+        waits behind the call it is busy with."""
+        probes = [engine.__ray_ready__.remote() for engine in self.rollout.actors]
+        ray.wait(probes, num_returns=len(probes), timeout=5)
         dead = []
-        for rank, engine in enumerate(self.rollout.actors):
+        for rank, probe in enumerate(probes):
             try:
-                ray.get(engine.__ray_ready__.remote(), timeout=30)
+                ray.get(probe, timeout=0)
             except ray.exceptions.RayActorError:
                 dead.append(rank)
             except ray.exceptions.GetTimeoutError:

@@ -72,7 +72,7 @@ class TrainerWorker:
 
     def __init__(self, role: str, rank: int, world_size: int):
         self.role, self.rank, self.world_size = role, rank, world_size
-        self.sync_group = None
+        self.broadcaster: weight_sync.Broadcaster | None = None  # rank 0, collective transport
         self.shared_weights: torch.Tensor | None = None  # the /dev/shm file rank 0 writes to
         # Weight sync senders: rank 0, or with CUDA IPC each rank with an engine on its GPU,
         # which writes the weights into `ipc_buffer` for the duration of a sync.
@@ -340,17 +340,21 @@ class TrainerWorker:
 
     def join_weight_sync(self, master_addr: str, port: int, world_size: int, backend: str,
                          timeout_s: float) -> None:
-        self.sync_group = weight_sync.join_group(master_addr, port, 0, world_size, backend, timeout_s)
+        if self.broadcaster is not None:  # the engines join a new group after a restart
+            self.broadcaster.close()
+        self.broadcaster = weight_sync.Broadcaster(
+            weight_sync.join_group(master_addr, port, 0, world_size, backend, timeout_s))
 
-    def share_weights(self, plan) -> str | None:
-        """Creates and maps the shared-memory file (rank 0); its path, or None without room."""
+    def share_weights(self, plan, place: bool) -> str | None:
+        """Creates and maps the shared-memory file (rank 0); its path, or None without room. With
+        `place`, the parameters move into it where nothing else re-lays them out."""
         created = weight_sync.create_shared_file(plan)
         if created is None:
             return None
         self.shared_path, self.shared_weights = created
         # With nothing re-laying the parameters out (DeepSpeed flattens them under ZeRO 1-3 and
         # in its bf16/fp16 optimizers), they can live in the file itself: no copy at each sync.
-        if self.world_size == 1 and self.cfg.zero_stage == 0 and self.dtype == torch.float32:
+        if place and self.world_size == 1 and self.cfg.zero_stage == 0 and self.dtype == torch.float32:
             weight_sync.place_in_shared(self.module, self.shared_weights, plan)
         return self.shared_path
 
@@ -369,7 +373,7 @@ class TrainerWorker:
             size = weight_sync.shared_offsets(plan)[-1]
             shared = self.ipc_buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
         sent = weight_sync.send_buckets(self.module, plan, self.weight_sender, self.device,
-                                        group=self.sync_group, shared=shared)
+                                        broadcaster=self.broadcaster, shared=shared)
         if self.ipc_buffer is None:
             return sent, None
         torch.cuda.synchronize(self.device)

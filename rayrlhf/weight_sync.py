@@ -5,7 +5,8 @@ named HF tensors and load them: on CPU in place (see `load_in_place` below), els
 vLLM's reload. Three transports:
 - collective: a torch.distributed group of its own (gloo on CPU, NCCL on GPU) joins trainer
   rank 0 (rank 0) and each engine worker (ranks 1..). It is built straight from a TCPStore, so it
-  lives beside the trainers' DeepSpeed group and vLLM's own group without touching either;
+  lives beside the trainers' DeepSpeed group and vLLM's own group without touching either. Rank 0
+  broadcasts from a thread of its own (`Broadcaster`), so the trainers never wait on the engines;
 - shared memory (CPU, engines on the trainer's node): rank 0 copies the buckets into one file in
   /dev/shm that every engine worker has mapped, and the engines load straight from the mapping,
   so the bytes are copied once on each side and never pass through a socket;
@@ -20,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import queue
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -40,6 +43,38 @@ def join_group(master_addr: str, port: int, rank: int, world_size: int, backend:
     if backend == "nccl":
         return dist.ProcessGroupNCCL(store, rank, world_size)
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+class Broadcaster:
+    """Trainer rank 0's side of the collective transport: buckets are queued and broadcast in
+    order by a thread of their own, so a sync returns to the trainers as soon as every bucket is
+    copied out. The engines may be busy (asynchronous rollouts queue generations before the load)
+    or dead: gloo and NCCL notice a dead peer only at the group's timeout, and a broadcast blocking
+    the trainer would also hold the other ZeRO-3 ranks in the next gather. A broken group's thread
+    is abandoned (`close`) when the engines join a new one; it ends at the timeout."""
+
+    def __init__(self, group):
+        self.group = group
+        self.buckets: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="rayrlhf-weight-broadcast", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (flat := self.buckets.get()) is not None:
+            try:
+                self.group.broadcast(flat, 0).wait()
+            except RuntimeError as err:  # a member died or timed out: the group is of no further use
+                self.error = err
+                return
+
+    def send(self, flat: torch.Tensor) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"weight sync broadcast failed earlier: {self.error}")
+        self.buckets.put(flat)
+
+    def close(self) -> None:
+        self.buckets.put(None)
 
 
 def plan_buckets(specs: list[ParamSpec], bucket_bytes: int) -> list[list[ParamSpec]]:
@@ -80,9 +115,10 @@ def gathered(params: list[torch.nn.Parameter]):
 
 
 def send_buckets(module: torch.nn.Module, plan: list[list[ParamSpec]], is_sender: bool,
-                 device: torch.device, group=None, shared: torch.Tensor | None = None) -> int:
-    """Called on every trainer rank (the ZeRO-3 gather needs them all); rank 0 broadcasts each
-    bucket over `group`, or writes it into the `shared` memory file. Returns the bytes sent."""
+                 device: torch.device, broadcaster: Broadcaster | None = None,
+                 shared: torch.Tensor | None = None) -> int:
+    """Called on every trainer rank (the ZeRO-3 gather needs them all); rank 0 queues each bucket
+    on `broadcaster`, or writes it into the `shared` memory file. Returns the bytes sent."""
     weights = {name: (parts, compute) for name, parts, compute in hf_weights(module)}
     sent = 0
     for index, bucket in enumerate(plan):
@@ -92,7 +128,7 @@ def send_buckets(module: torch.nn.Module, plan: list[list[ParamSpec]], is_sender
                 continue
             if shared is None:
                 flat = torch.cat([compute().reshape(-1) for _, compute in entries]).to(device)
-                group.broadcast(flat, 0).wait()
+                broadcaster.send(flat)
             else:
                 flat = bucket_view(shared, plan, index)
                 for (_, compute), view in zip(entries, _split(flat, bucket), strict=True):
@@ -256,8 +292,9 @@ def engine_receive(worker, plan: list[list[ParamSpec]], ipc_handle: tuple | None
 # (most of a sync's time). An engine started after `keep_plain_linear_weights` keeps the plain
 # weights, so a sync loads into them with the model's own `load_weights` and re-packs each layer
 # with vLLM's own packing: the same result, without the allocations and the bookkeeping. With
-# the shared-memory file mapped, the packed layers' plain weights are views of the file itself
-# (`read_packed_weights_in_place`), so a sync re-packs straight from it and loads only the rest.
+# the shared-memory file mapped, the plain weights of the packed layers that compute from their
+# packed copy alone are views of the file itself (`read_packed_weights_in_place`), so a sync
+# re-packs straight from it and loads only the rest.
 
 def keep_plain_linear_weights() -> None:
     """Makes vLLM's CPU linear-layer packing keep each plain weight (call before the engine
@@ -299,16 +336,20 @@ def read_packed_weights_in_place(worker, shared: torch.Tensor, plan: list[list[P
     file holds them in the engine's layout: one HF weight, or the HF weights vLLM stacks into one
     (q, k, v; gate, up), side by side in that order. Returns the HF names now read in place.
 
-    Nothing but re-packing reads these plain weights, and every sync writes the whole file before
-    the engine re-packs, so the trainer's updates in between change nothing the engine computes."""
+    Only layers that compute from their packed copy alone are given views (see
+    `_computes_from_packed_copy`), so what the engine computes never depends on the file: the
+    trainer may write it (or its optimizer update it) at any time, and only re-packing, once a
+    sync has written the whole file, reads the views."""
     if _in_place_packing(worker) is None:
         return set()
     model = worker.get_model()
     views = dict(shared_weights(shared, plan))
     stacked = getattr(model, "packed_modules_mapping", {})
+    looked_up = _looked_up_weights(model)
     read_in_place: set[str] = set()
     for name, layer in model.named_modules():
-        if not getattr(layer, "rayrlhf_repack", False):
+        if (not getattr(layer, "rayrlhf_repack", False) or id(layer.weight) in looked_up
+                or not _computes_from_packed_copy(layer)):
             continue
         prefix, _, leaf = name.rpartition(".")
         hf_names = [f"{prefix}.{part}.weight".lstrip(".") for part in stacked.get(leaf, [leaf])]
@@ -323,6 +364,36 @@ def read_packed_weights_in_place(worker, shared: torch.Tensor, plan: list[list[P
         layer.weight.data = first.as_strided((rows, *first.shape[1:]), first.stride())
         read_in_place.update(hf_names)
     return read_in_place
+
+
+def _looked_up_weights(model: torch.nn.Module) -> set[int]:
+    """ids of the weights that embedding lookups read as they are (with tied embeddings, the LM
+    head's weight too), never through a packed copy."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    return {id(m.weight) for m in model.modules()
+            if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+
+
+@torch.no_grad()
+def _computes_from_packed_copy(layer: torch.nn.Module) -> bool:
+    """Whether the layer's products depend on its packed copy only, never on the memory of its
+    plain weight. A layer whose packing fell back to torch's linear reads the plain weight (vLLM's
+    CPU kernels depend on the CPU, dtype and shape), so this is measured, not assumed: the plain
+    weight is negated in place (exactly undone) and the layer must give the same non-zero output
+    before and after."""
+    method = getattr(layer, "quant_method", None)
+    if method is None:
+        return False
+    weight = layer.weight
+    x = torch.randn(2, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
+    before = method.apply(layer, x)
+    weight.neg_()
+    try:
+        after = method.apply(layer, x)
+    finally:
+        weight.neg_()
+    return bool(before.abs().sum() > 0) and torch.equal(before, after)
 
 
 def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:

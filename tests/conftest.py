@@ -15,6 +15,24 @@ def tiny_policy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def realistic_models(tmp_path_factory):
+    """family -> path of a random model shaped like a real one, behind a real 32k or 131k-token
+    tokenizer (rayrlhf.tiny.TEST_FAMILIES); each is built once per session, on first use."""
+    from rayrlhf.tiny import build_test_model
+
+    built = {}
+
+    def get(family: str, kind: str = "causal_lm") -> str:
+        if (family, kind) not in built:
+            folder = tmp_path_factory.mktemp("models") / f"{family}-{kind}"
+            seed = 0 if kind == "causal_lm" else 1
+            built[family, kind] = str(build_test_model(folder, family, kind, seed=seed))
+        return built[family, kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_reward_model(tmp_path_factory):
     from rayrlhf.tiny import build_tiny_model
 

@@ -102,7 +102,8 @@ def test_an_unusable_onednn_op_keeps_torch_linear_with_one_line(monkeypatch, cap
         onednn.available.cache_clear()
 
 
-@pytest.mark.parametrize(("vendor", "expected"), [("AuthenticAMD", True), ("GenuineIntel", False), ("", False)])
+@pytest.mark.parametrize(("vendor", "expected"),
+                         [("AuthenticAMD", True), ("GenuineIntel", False), ("", False)])
 def test_auto_picks_onednn_on_amd_only_whatever_cpu_runs_the_test(monkeypatch, vendor, expected):
     from rayrlhf import onednn
 
