@@ -1,5 +1,6 @@
 """The shared token layout: left-padded prompts, right-padded responses, real-token positions."""
 
+import pytest
 import torch
 
 from rayrlhf import weight_sync
@@ -90,9 +91,12 @@ def test_first_fit_and_balanced_groups():
     assert sorted(i for g in groups for i in g) == list(range(6))
 
 
-def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_reward_model):
+@pytest.mark.parametrize("family", ["tiny", "qwen2", "qwen3", "mistral"])
+def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_reward_model, realistic_models,
+                                                           family):
     """Packing changes where tokens sit, never what each response token is scored with; sharing
-    a prompt among its responses computes it once."""
+    a prompt among its responses computes it once. Also on the realistic test models (q/k/v
+    biases, q/k norms, tied embeddings, GQA, vocabularies of 32k and 131k tokens)."""
     from rayrlhf.modeling import load_causal_lm, load_scalar_model, policy_logprobs, token_values
 
     # Samples 0, 2 and 4 answer one prompt, 1 and 3 another (a group of two, one empty response).
@@ -111,6 +115,8 @@ def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_rew
     assert shared.segment_ids.tolist()[1] == [1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]
     # The first token of every response to the first prompt is scored at the prompt's last token.
     assert shared.cols[[0, 2, 4], 0].tolist() == [4, 4, 4] and shared.cols[2, 1:3].tolist() == [7, 8]
+    if family != "tiny":
+        tiny_policy, tiny_reward_model = realistic_models(family), realistic_models(family, "reward")
     policy, critic = load_causal_lm(tiny_policy, "float32"), load_scalar_model(tiny_reward_model, "float32")
     with torch.no_grad():
         outputs = [(policy_logprobs(policy, batch, 0.7, packing), token_values(critic, batch, packing))
@@ -121,10 +127,11 @@ def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_rew
             assert torch.allclose(outputs[0][1][row, :length], values[row, :length], atol=1e-5), (kind, row)
 
 
-def test_packed_rows_give_the_unpacked_gradients(tiny_policy, tmp_path):
+def test_packed_rows_give_the_unpacked_gradients(tiny_policy, realistic_models, tmp_path):
     """The linear layers see a padding-free token stream that only attention lays out in rows, so
-    the gradients must come back through that layout too; also with grouped-query attention, and
-    under LoRA adapters (peft's wrapper must pass the stream's indices on)."""
+    the gradients must come back through that layout too; also with grouped-query attention, under
+    LoRA adapters (peft's wrapper must pass the stream's indices on), and on the realistic test
+    models (tied embeddings take the gradient of both their uses)."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     from rayrlhf.algorithms import response_mask
@@ -144,8 +151,11 @@ def test_packed_rows_give_the_unpacked_gradients(tiny_policy, tmp_path):
     lora = apply_lora(load_causal_lm(tiny_policy, "float32"), LoraConfig(rank=4), scalar_head=False)
     # B starts at zero, which leaves A without a gradient; one non-zero B gives its A one too.
     torch.nn.init.normal_(lora.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight)
-    for name, policy in (("tiny", load_causal_lm(tiny_policy, "float32")),
-                         ("gqa", load_causal_lm(str(tmp_path / "gqa"), "float32")), ("lora", lora)):
+    models = [("tiny", load_causal_lm(tiny_policy, "float32")),
+              ("gqa", load_causal_lm(str(tmp_path / "gqa"), "float32")), ("lora", lora)]
+    models += [(family, load_causal_lm(realistic_models(family), "float32"))
+               for family in ("qwen2", "qwen3", "mistral")]
+    for name, policy in models:
         grads = []
         for packing in ("none", "samples", "prompts"):
             policy.zero_grad()
