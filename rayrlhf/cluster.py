@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +43,8 @@ def bundle(cpus: float, gpus: float) -> dict[str, float]:
 
 def reserve(name: str, bundles: list[dict[str, float]], strategy: str):
     """A ready placement group, or an error saying what could not be placed."""
-    placement = placement_group(bundles, strategy=strategy, name=f"rayrlhf-{name}")
+    # Unique names: a driver may hold two groups of one role (a test comparing rank counts).
+    placement = placement_group(bundles, strategy=strategy, name=f"rayrlhf-{name}-{uuid.uuid4().hex[:8]}")
     try:
         ray.get(placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:

@@ -95,6 +95,9 @@ class Batches:
         else:
             self.rows = data.train
             self.held_out = preference_batch(data.eval, pad_id)
+        if len(data.eval) < stage_cfg.num_ranks:
+            raise DataError(f"{stage} data has {len(data.eval)} held-out examples, fewer than "
+                            f"{stage}.num_ranks={stage_cfg.num_ranks} (each rank evaluates a share)")
         per_epoch = len(self.rows) // self.batch_size
         if per_epoch == 0:
             raise DataError(f"{stage} data has {len(self.rows)} training rows, fewer than "

@@ -288,15 +288,26 @@ class TrainerWorker:
         return _means(sums)
 
     def _optimizer_step(self, minibatch: Batch, sums: dict[str, float], **loss_kwargs) -> list[torch.Tensor]:
-        """One optimizer step over the minibatch's micro-batches; returns their row indices.
+        """One optimizer step over this rank's share of a minibatch, in micro-batches; returns their
+        row indices.
 
-        A micro-batch's loss counts by its share of the minibatch's loss units (tokens for the
-        token-mean losses, else rows), so the step follows the minibatch's loss however it is cut."""
+        Each micro-batch's loss (a mean over its loss units: tokens for the token-mean losses, else
+        valid rows) counts by its share of the units of the whole minibatch, over every rank, times
+        the ranks (DeepSpeed averages the ranks' gradients). So the step follows the minibatch's
+        loss however it is cut into micro-batches and shared among ranks: a token weighs the same
+        on a rank of short responses as on one of long responses."""
         self.module.train()
         micro_batches = self._micro_batches(minibatch)
         units = self._loss_units(minibatch)
+        total = units.sum()
+        if self.world_size > 1:
+            total = total.to(self.device)
+            torch.distributed.all_reduce(total)
+            total = total.cpu()
         for rows, micro in micro_batches:
-            share = units[rows].sum() / units.sum() if units.sum() > 0 else len(rows) / len(minibatch)
+            # Nothing to average (every sample masked out): micro-batches weigh by their rows.
+            share = units[rows].sum() * self.world_size / total if total > 0 else len(rows) / len(minibatch)
+            self._start_micro_batch()
             loss, stats = self._loss(to_device(micro, self.device), **loss_kwargs)
             self.engine.backward(loss * float(share), scale_wrt_gas=False)
             for key, value in stats.items():
@@ -305,32 +316,53 @@ class TrainerWorker:
         self.engine.step()
         return [rows for rows, _ in micro_batches]
 
+    def _start_micro_batch(self) -> None:
+        """What DeepSpeed's own forward does first, for the ZeRO optimizers: it ends the previous
+        micro-batch's backward bookkeeping. Our losses call the model itself (the scalar heads go
+        around its top module), and without this ZeRO-3 copied each micro-batch's gradient over the
+        last one's instead of adding it: a step followed the last micro-batch alone."""
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+
     def _loss_units(self, batch: Batch) -> torch.Tensor:
-        """Per row, what the role's loss averages over: tokens or the row itself."""
+        """Per row, what the role's loss averages over: tokens, or the row itself where it takes
+        part (a preference pair; a response with a valid token for the sequence-mean losses)."""
         if self.role == "sft":
             return batch["loss_mask"][:, 1:].sum(1).float()
-        if self.role == "critic" or (self.role == "actor" and self.algo.loss_agg == "token_mean"):
+        if self.role == "rm":
+            return torch.ones(len(batch))
+        if self.role == "critic" or self.algo.loss_agg == "token_mean":
             return batch["mask"].sum(1)
-        return torch.ones(len(batch))
+        return (batch["mask"].sum(1) > 0).float()
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> dict[str, float]:
         """Held-out sums over this rank's share: SFT token NLL and token count; reward-model loss,
         correctly ordered pairs and pair count (the driver adds them up over ranks)."""
         self.module.eval()
+        micro_batches = batch.minibatches(self.cfg.micro_batch_size)
+        # Every rank runs as many forwards (under ZeRO-3 each gathers the weights collectively):
+        # shares that differ by a row may differ by a micro-batch, so the shorter ones run their
+        # first row again, uncounted.
+        count = torch.tensor([len(micro_batches)], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        for _ in range(int(count) - len(micro_batches)):
+            self._held_out_sums(batch.select(slice(0, 1)))
         sums: dict[str, float] = defaultdict(float)
-        for micro in batch.minibatches(self.cfg.micro_batch_size):
-            micro = to_device(micro, self.device)
-            if self.role == "sft":
-                nll, tokens = self._sft_nll(micro)
-                sums["nll"] += float(nll)
-                sums["tokens"] += float(tokens)
-            else:
-                _, loss, accuracy = self._pair_loss(micro)
-                sums["loss"] += float(loss) * len(micro)
-                sums["correct"] += float(accuracy) * len(micro)
-                sums["pairs"] += len(micro)
+        for micro in micro_batches:
+            for key, value in self._held_out_sums(micro).items():
+                sums[key] += value
         return dict(sums)
+
+    def _held_out_sums(self, micro: Batch) -> dict[str, float]:
+        micro = to_device(micro, self.device)
+        if self.role == "sft":
+            nll, tokens = self._sft_nll(micro)
+            return {"nll": float(nll), "tokens": float(tokens)}
+        _, loss, accuracy = self._pair_loss(micro)
+        return {"loss": float(loss) * len(micro), "correct": float(accuracy) * len(micro), "pairs": len(micro)}
 
     # Weight sync (actor only). Every rank takes part in sending (ZeRO-3 gathers are collective).
 

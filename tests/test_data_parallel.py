@@ -1,0 +1,123 @@
+"""Data-parallel DeepSpeed ranks (real Ray actors, gloo): a minibatch's loss and gradient do not
+depend on how many ranks share it, and every rank runs the same collectives in evaluation."""
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+import torch
+
+from rayrlhf.algorithms import response_mask, sft_nll
+from rayrlhf.batch import build_batch
+from rayrlhf.config import load_config
+from rayrlhf.data import sft_batch
+from rayrlhf.modeling import load_causal_lm, sft_logits
+from rayrlhf.supervised import held_out_metrics
+from rayrlhf.system import trainer_group, wait
+from rayrlhf.trainer import TrainerWorker, free_port
+
+pytestmark = pytest.mark.integration
+# The functions below run inside the trainer actors (actor.__ray_call__), which cannot import tests.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def ppo_batch():
+    """Two samples of six tokens, then two of one: split over two ranks, one rank holds 12 response
+    tokens and the other 2, so a per-rank token mean would weigh a short response's token 6x."""
+    batch = build_batch([[5, 6, 7]] * 4, [[11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22], [23], [24]], 0)
+    batch["mask"] = response_mask(batch["sequences"][:, batch.prompt_len:], batch["response_lengths"])
+    generator = torch.Generator().manual_seed(0)
+    for key in ("engine_logprobs", "advantages", "old_values", "returns"):
+        batch[key] = torch.randn(batch["mask"].shape, generator=generator)
+    batch["engine_logprobs"] = -batch["engine_logprobs"].abs()
+    return batch
+
+
+def supervised_batch():
+    return sft_batch([[([5, 6], [7, 8, 9, 10, 11, 2])], [([12], [13, 14, 15, 16, 17, 2])], [([18, 19], [2])],
+                      [([20], [21, 2])]], pad_id=0)
+
+
+def capture_gradients(worker, method, *args):
+    """Runs `method` on a trainer worker and returns the full gradients DeepSpeed hands the
+    optimizer (averaged over the ranks, gathered from ZeRO-3 partitions), leaving the optimizer
+    step itself out. Runs on every rank of a group (the ZeRO-3 gather is collective)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grads = {}
+
+    def take_model_step(*_, **__):
+        for name, param in worker.module.named_parameters():
+            grads[name] = safe_get_full_grad(param).detach().clone()
+        worker.engine.zero_grad()
+
+    worker.engine._take_model_step = take_model_step
+    getattr(worker, method)(*args)
+    return grads
+
+
+def setup_kwargs(role, cfg):
+    return {} if role == "sft" else {"algo_cfg": cfg.algorithm, "norm_len": 6}
+
+
+@pytest.fixture(scope="module")
+def trainers(ray_cluster, tiny_policy):
+    """role -> (a one-rank trainer in this process, two ZeRO-3 ranks as Ray actors), all started at once."""
+    cfg = load_config("conf/tiny_ppo.yaml", [
+        f"model.path={tiny_policy}", "trainer.prompts_per_step=4", "algorithm.train_batch_size=4",
+        "algorithm.ppo_epochs=1", "rollout.max_new_tokens=6", "actor.micro_batch_size=1",
+        "critic.micro_batch_size=1"])
+    roles = ("actor", "critic", "sft")
+
+    def role_cfg(role, ranks, stage):
+        out = cfg[role].copy()
+        out.num_ranks, out.zero_stage, out.micro_batch_size = ranks, stage, 1
+        return out
+
+    with ThreadPoolExecutor(len(roles)) as pool:
+        two = pool.map(lambda role: trainer_group(role, role_cfg(role, 2, 3), tiny_policy, 4, cfg,
+                                                  **setup_kwargs(role, cfg)), roles)
+        one = {}
+        for role in roles:
+            one[role] = TrainerWorker(role, 0, 1)
+            one[role].setup("127.0.0.1", free_port("127.0.0.1"), tiny_policy, role_cfg(role, 1, 0), 4,
+                            cfg.model, cfg.seed, **setup_kwargs(role, cfg))
+        started = {role: (one[role], group) for role, group in zip(roles, two, strict=True)}
+    yield started
+    for _, group in started.values():
+        group.shutdown()
+
+
+@pytest.mark.parametrize("role", ["actor", "critic", "sft"])
+def test_a_minibatch_has_the_same_gradient_on_one_rank_as_on_two(trainers, role):
+    """Token-mean losses (actor, critic, SFT): each token weighs the same whichever rank holds it."""
+    batch = supervised_batch() if role == "sft" else ppo_batch()
+    method = "train_step" if role == "sft" else "train"
+    extra = () if role == "sft" else (0, 0.0)  # seed, kl_coef
+    one_rank, two_ranks = trainers[role]
+    one = capture_gradients(one_rank, method, batch, *extra)
+    two = wait([actor.__ray_call__.remote(capture_gradients, method, part, *extra)
+                for actor, part in zip(two_ranks.actors, batch.chunks(2), strict=True)], method, 300)[0]
+    assert one.keys() == two.keys() and any(g.abs().sum() > 0 for g in one.values())
+    for name, grad in one.items():
+        torch.testing.assert_close(two[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_zero3_evaluation_with_shares_a_micro_batch_apart(trainers, tiny_policy):
+    """33 held-out rows over two ZeRO-3 ranks in micro-batches of 16: 17 and 16 rows, so two forwards
+    on one rank and one on the other; each forward gathers the weights from both ranks."""
+    _, group = trainers["sft"]
+    wait(group.call("__ray_call__", set_micro_batch_size, 16), "micro-batch size", 60)
+    examples = [[([5 + i % 7, 6], [7 + i % 11, 8, 2][: 1 + i % 3])] for i in range(33)]
+    batch = sft_batch(examples, pad_id=0)
+    metrics = held_out_metrics("sft", group, batch, timeout_s=120)
+    with torch.no_grad():
+        logits = sft_logits(load_causal_lm(tiny_policy, "float32"), batch)
+        nll = sft_nll(logits, batch["sequences"], batch["loss_mask"]).sum()
+    expected = nll / batch["loss_mask"][:, 1:].sum()
+    assert metrics["eval/loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def set_micro_batch_size(worker, size):
+    worker.cfg.micro_batch_size = size
