@@ -362,7 +362,8 @@ class TrainerWorker:
             nll, tokens = self._sft_nll(micro)
             return {"nll": float(nll), "tokens": float(tokens)}
         _, loss, accuracy = self._pair_loss(micro)
-        return {"loss": float(loss) * len(micro), "correct": float(accuracy) * len(micro), "pairs": len(micro)}
+        pairs = len(micro)
+        return {"loss": float(loss) * pairs, "correct": float(accuracy) * pairs, "pairs": pairs}
 
     # Weight sync (actor only). Every rank takes part in sending (ZeRO-3 gathers are collective).
 
