@@ -182,19 +182,22 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def shape_scores(scores: torch.Tensor, truncated: torch.Tensor, valid: torch.Tensor,
                  truncated_penalty: float, normalize: bool, clip: float | None,
-                 eps: float = 1e-6) -> torch.Tensor:
+                 like: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 1e-6) -> torch.Tensor:
     """Score post-processing, in order: add the penalty to truncated responses, normalise over the
-    batch's valid samples, clip to [-clip, clip]. Invalid samples get 0."""
-    valid = valid.float()
+    batch's valid samples, clip to [-clip, clip]. Invalid samples get 0. `like` (penalised scores
+    and valid flags of another batch) normalises by that batch's statistics instead: ReMax's greedy
+    baseline must be on the scale of the samples it is subtracted from."""
     out = scores + truncated_penalty * truncated
     if normalize:
-        count = valid.sum().clamp(min=1.0)
-        mean = (out * valid).sum() / count
-        std = (((out - mean) ** 2 * valid).sum() / (count - 1).clamp(min=1.0)).sqrt()
+        reference, reference_valid = like if like is not None else (out, valid)
+        reference_valid = reference_valid.float()
+        count = reference_valid.sum().clamp(min=1.0)
+        mean = (reference * reference_valid).sum() / count
+        std = (((reference - mean) ** 2 * reference_valid).sum() / (count - 1).clamp(min=1.0)).sqrt()
         out = (out - mean) / (std + eps)
     if clip is not None:
         out = out.clamp(-clip, clip)
-    return out * valid
+    return out * valid.float()
 
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
@@ -210,7 +213,8 @@ def outcome_scores(scores: torch.Tensor, estimator: str, group_size: int, valid:
     the group statistics and get 0.
       gae, reinforce_pp: the score itself (the critic or batch whitening does the rest)
       grpo: (s - group mean) / (group std + eps);  dr_grpo, reinforce_pp_baseline: s - group mean
-      rloo: s - mean of the other samples of the group;  remax: s - score of the greedy response
+      rloo: s - mean of the other samples of the group (0 without another valid one)
+      remax: s - score of the greedy response
     """
     valid = valid.float()
     if estimator in ("gae", "reinforce_pp"):
@@ -227,7 +231,9 @@ def outcome_scores(scores: torch.Tensor, estimator: str, group_size: int, valid:
         var = ((s - mean) ** 2 * v).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1.0)
         out = (s - mean) / (var.sqrt() + eps)
     elif estimator == "rloo":
-        out = s - (s.sum(dim=1, keepdim=True) - s) / (count - 1).clamp(min=1.0)
+        # A group with one valid sample has no other to compare with: no signal, as GRPO's 0.
+        others = (s.sum(dim=1, keepdim=True) - s) / (count - 1).clamp(min=1.0)
+        out = torch.where(count > 1, s - others, torch.zeros_like(s))
     else:
         raise ValueError(f"unknown estimator {estimator!r}")
     return (out * v).view(-1)

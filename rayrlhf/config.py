@@ -630,6 +630,11 @@ def _check_algorithm(cfg: DictConfig) -> None:
            f"must be > 1, got {algo.dual_clip}")
     _check(algo.tis_cap is None or algo.tis_cap > 0, "algorithm.tis_cap", f"must be > 0, got {algo.tis_cap}")
     _check(algo.entropy_coef >= 0, "algorithm.entropy_coef", f"must be >= 0, got {algo.entropy_coef}")
+    k1_loss = algo.kl_in == "loss" and algo.kl_estimator == "k1" and algo.kl_coef > 0
+    _check(not k1_loss, "algorithm.kl_estimator",
+           "k1 with algorithm.kl_in=loss gives the KL term zero expected gradient (E[grad log pi] = 0 "
+           "over the policy's own samples); use k2 (its gradient is that of KL(pi || pi_ref)) or k3, "
+           "or put k1 in the reward (kl_in=reward)")
     if algo.estimator in GROUP_ESTIMATORS:
         _check(cfg.rollout.n >= 2, "rollout.n",
                f"must be >= 2 for algorithm.estimator={algo.estimator} (it compares samples of a prompt)")

@@ -73,7 +73,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
                 feedback = apply_rewards(rollout, system.rewards(rollout), cfg.reward)
                 baseline = None
                 if greedy is not None:
-                    apply_rewards(greedy, system.rewards(greedy), cfg.reward)
+                    apply_rewards(greedy, system.rewards(greedy), cfg.reward, like=rollout)
                     baseline = greedy.batch["scores"]
                 system.model_outputs(rollout.batch, old_logprobs=separate_old_logprobs)
                 feedback |= add_advantages(rollout.batch, algo, kl_ctl.coef, cfg.rollout.n, baseline)
@@ -217,11 +217,13 @@ def resume(system: RLHFSystem, path: Path, kl_ctl, rollouts: RolloutQueue) -> in
     return state["step"] + 1
 
 
-def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg) -> dict[str, float]:
-    """Checks the reward workers' output, then puts the shaped scores into the batch.
+def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
+                  like: Rollout | None = None) -> dict[str, float]:
+    """Checks the reward workers' output, then puts the raw and the shaped scores into the batch.
 
     An unusable reward stops the run naming the sample, unless reward.skip_invalid, which drops
-    the sample from training (its mask becomes 0) and counts it.
+    the sample from training (its mask becomes 0) and counts it. `like` is the rollout whose
+    statistics reward.normalize uses (ReMax's greedy baseline is scaled as the samples are).
     """
     scores, reasons, batch = rewards["scores"], rewards["reasons"], rollout.batch
     if reasons and (not reward_cfg.skip_invalid or len(reasons) == len(scores)):
@@ -233,10 +235,13 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg) -> dict[str, floa
                           f"response {rollout.responses[row][:80]!r}")
     valid = torch.isfinite(scores)
     raw = scores.nan_to_num(0.0)
-    batch["valid"] = valid.float()
+    batch["valid"], batch["raw_scores"] = valid.float(), raw
     batch["mask"] = batch["mask"] * batch["valid"][:, None]
-    batch["scores"] = alg.shape_scores(raw, batch["truncated"], valid, reward_cfg.truncated_penalty,
-                                       reward_cfg.normalize, reward_cfg.clip or None)
+    penalty = reward_cfg.truncated_penalty
+    reference = None if like is None else \
+        (like.batch["raw_scores"] + penalty * like.batch["truncated"], like.batch["valid"])
+    batch["scores"] = alg.shape_scores(raw, batch["truncated"], valid, penalty, reward_cfg.normalize,
+                                       reward_cfg.clip or None, like=reference)
     metrics = {"reward/mean": raw[valid].mean().item(),
                "reward/std": raw[valid].std().item() if valid.sum() > 1 else 0.0,
                "reward/invalid": float(len(reasons))}

@@ -5,6 +5,7 @@ import math
 import torch
 
 from rayrlhf import algorithms as alg
+from rayrlhf.batch import build_batch
 
 LN2 = math.log(2.0)
 
@@ -164,6 +165,38 @@ def test_group_baselines_leave_invalid_samples_out():
     got = alg.outcome_scores(torch.tensor([1.0, 100.0, 3.0]), "grpo", 3, torch.tensor([1.0, 0.0, 1.0]))
     s = 1 / math.sqrt(2)  # mean 2, sample std sqrt(2)
     assert torch.allclose(got, torch.tensor([-s, 0.0, s]), atol=1e-5)
+
+
+def test_rloo_gives_no_signal_to_a_group_with_one_valid_sample():
+    """As GRPO: with no other valid sample there is no baseline, so 0 rather than the raw score."""
+    scores, valid = torch.tensor([5.0, 1.0, 2.0, 3.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
+    for estimator in ("rloo", "grpo", "dr_grpo"):
+        got = alg.outcome_scores(scores, estimator, 2, valid).tolist()
+        assert got[:2] == [0.0, 0.0], estimator
+    assert alg.outcome_scores(scores, "rloo", 2, valid).tolist()[2:] == [-1.0, 1.0]
+
+
+def test_remax_baseline_is_normalised_by_the_samples_statistics():
+    """reward.normalize: the greedy scores are scaled with the sampled batch's mean and std, so the
+    advantage is (s - b) / std(s), not the difference of two separately normalised batches."""
+    from rayrlhf.config import load_config
+    from rayrlhf.driver import apply_rewards
+    from rayrlhf.system import Rollout
+
+    def rollout(n):
+        batch = build_batch([[1]] * n, [[2, 3]] * n, pad_id=0)
+        batch["mask"], batch["truncated"] = torch.ones(n, 2), torch.zeros(n)
+        return Rollout(batch, ["p"] * n, ["r"] * n, {}, [])
+
+    cfg = load_config("conf/tiny_ppo.yaml", ["reward.normalize=true"]).reward
+    sampled, greedy = rollout(4), rollout(2)
+    samples, baseline = torch.tensor([1.0, 3.0, 2.0, 6.0]), torch.tensor([2.0, 5.0])
+    apply_rewards(sampled, {"scores": samples, "reasons": {}, "metrics": {}}, cfg)
+    apply_rewards(greedy, {"scores": baseline, "reasons": {}, "metrics": {}}, cfg, like=sampled)
+    advantages = alg.outcome_scores(sampled.batch["scores"], "remax", 2, torch.ones(4),
+                                    greedy.batch["scores"])
+    expected = (samples - baseline.repeat_interleave(2)) / samples.std()
+    assert torch.allclose(advantages, expected, atol=1e-5)
 
 
 def test_discounted_returns():

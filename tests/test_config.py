@@ -47,6 +47,8 @@ def test_preset_and_overrides_merge():
     ("rollout.sleep=true", "'rollout.sleep' is for GPU engines"),
     ("rollout.block_size=-32", "'rollout.block_size' must be >= 0, got -32"),
     ("weight_sync.transport=cuda_ipc", "'weight_sync.transport' cuda_ipc needs GPU trainers"),
+    ("algorithm.kl_in=loss", "'algorithm.kl_estimator' k1 with algorithm.kl_in=loss gives the KL term zero "
+                             "expected gradient"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -107,7 +109,7 @@ def test_old_logprob_pass_only_when_pi_old_differs_from_the_trained_policy():
 
     one_step = ["trainer.prompts_per_step=8", "rollout.n=4", "algorithm.train_batch_size=32",
                 "algorithm.ppo_epochs=1", "algorithm.kl_coef=0.1", "algorithm.kl_in=loss",
-                "actor.micro_batch_size=8", "critic.micro_batch_size=8"]
+                "algorithm.kl_estimator=k3", "actor.micro_batch_size=8", "critic.micro_batch_size=8"]
     assert not needs_old_logprob_pass(load_config(PRESET, one_step))
     assert not needs_old_logprob_pass(load_config(PRESET, [*one_step, "algorithm.kl_in=reward",
                                                            "algorithm.kl_coef=0"]))
