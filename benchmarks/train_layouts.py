@@ -48,7 +48,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    from rayrlhf.algorithms import response_mask
+    from rayrlhf.algorithms import Sampling, response_mask
     from rayrlhf.batch import build_batch, prompt_groups, segment_sizes
     from rayrlhf.config import load_config
     from rayrlhf.data import load_prompts
@@ -84,7 +84,7 @@ def main() -> None:
         actor_cfg.compile = compiled
         workers[compiled] = TrainerWorker("actor", 0, 1)
         workers[compiled].setup("127.0.0.1", free_port("127.0.0.1"), cfg.model.path, actor_cfg, samples,
-                                cfg.model, cfg.seed, cfg.algorithm, cfg.rollout.temperature, longest)
+                                cfg.model, cfg.seed, cfg.algorithm, Sampling.of(cfg.rollout), longest)
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
     for round_index in range(args.rounds):
         batch = grpo_batch()

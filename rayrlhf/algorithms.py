@@ -6,25 +6,96 @@ including EOS) and 0.0 on padding. Nothing here knows about Ray, vLLM or DeepSpe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the rollout engines turn a position's logits into the distribution they sample from
+    (vLLM's order): the repetition penalty on every token already in the prompt or the response
+    (positive logits divided by it, the others multiplied), then temperature, then top-k and top-p
+    (the tokens left out get probability 0). That distribution is the policy: the engines report
+    their log-probs under it, and the trainer and the reference compute theirs under it too."""
+    temperature: float = 1.0
+    top_k: int = -1  # -1: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def of(cls, rollout_cfg) -> Sampling:
+        return cls(rollout_cfg.temperature, rollout_cfg.top_k, rollout_cfg.top_p,
+                   rollout_cfg.repetition_penalty)
+
+    @property
+    def penalises(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    @property
+    def truncates(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
+
+
 def response_logprobs(logits: torch.Tensor, sequences: torch.Tensor, prompt_len: int,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      sampling: Sampling = Sampling()) -> torch.Tensor:
     """Log-probs of the response tokens of `sequences` under `logits`.
 
     `sequences` is [B, P + N] with every prompt left-padded to P, so response token j sits at
-    column P + j and is scored by the logits at column P + j - 1. Temperature divides the
-    logits first, as the sampler did when it drew the tokens.
+    column P + j and is scored by the logits at column P + j - 1. The sampling transforms apply
+    first (temperature divides the logits), as the sampler's did when it drew the tokens; every
+    prompt column counts as a real token for the repetition penalty.
     """
-    return token_logprobs(logits[:, prompt_len - 1:-1], sequences[:, prompt_len:], temperature)
+    tokens, prompts = sequences[:, prompt_len:], sequences[:, :prompt_len]
+    seen = seen_tokens(prompts, torch.ones_like(prompts, dtype=torch.bool), tokens, logits.shape[-1]) \
+        if sampling.penalises else None
+    return token_logprobs(sampling_logits(logits[:, prompt_len - 1:-1], tokens, sampling, seen), tokens)
 
 
-def token_logprobs(scoring: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[B, N] log-probs of `tokens` under the logits [B, N, V] that score them, after temperature."""
-    scoring = scoring.float() / temperature
+def token_logprobs(scoring: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, N] log-probs of `tokens` under the logits [B, N, V] that score them."""
     picked = scoring.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scoring, dim=-1)
+
+
+def seen_tokens(prompts: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
+                vocab: int) -> torch.Tensor:
+    """[B, N, V] bool: token v occurs in prompt b (where `prompt_mask`) or in its response before
+    position j, the tokens the repetition penalty applies to when response token j is drawn."""
+    rows = prompts.shape[0]
+    in_prompt = torch.zeros(rows, vocab, dtype=torch.uint8, device=prompts.device).scatter_reduce(
+        1, prompts, prompt_mask.to(torch.uint8), "amax")
+    drawn = torch.zeros(*responses.shape, vocab, dtype=torch.uint8, device=responses.device)
+    drawn.scatter_(2, responses.unsqueeze(-1), 1)
+    before = torch.zeros_like(drawn)
+    before[:, 1:] = drawn[:, :-1].cummax(dim=1).values
+    return (before | in_prompt.unsqueeze(1)).bool()
+
+
+def sampling_logits(scoring: torch.Tensor, tokens: torch.Tensor, sampling: Sampling,
+                    seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 logits [B, N, V] of the distribution `sampling` draws `tokens` from (see Sampling);
+    `seen` (see seen_tokens) is needed for a repetition penalty. Tokens left out by top-k or top-p
+    are at -inf, except the drawn token itself, which the engine kept: a boundary that rounding
+    decided the other way here must not give it probability 0. The kept set carries no gradient."""
+    z = scoring.float()
+    if sampling.penalises:
+        penalised = torch.where(z > 0, z / sampling.repetition_penalty, z * sampling.repetition_penalty)
+        z = torch.where(seen, penalised, z)
+    z = z / sampling.temperature
+    if not sampling.truncates:
+        return z
+    with torch.no_grad():
+        keep = torch.ones_like(z, dtype=torch.bool)
+        if 0 < sampling.top_k < z.shape[-1]:
+            keep = z >= z.topk(sampling.top_k, dim=-1).values[..., -1:]
+        if sampling.top_p < 1.0:
+            ascending, order = z.masked_fill(~keep, float("-inf")).sort(dim=-1)
+            dropped = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
+            dropped[..., -1] = False  # the most likely token always stays
+            keep &= ~torch.zeros_like(dropped).scatter(-1, order, dropped)
+        keep.scatter_(-1, tokens.unsqueeze(-1), True)
+    return z.masked_fill(~keep, float("-inf"))
 
 
 def response_mask(responses: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -160,9 +231,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax of the last dimension."""
+    """Entropy of the softmax of the last dimension (tokens at -inf take no part)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
+    return -(log_probs.exp() * log_probs.masked_fill(log_probs.isinf(), 0.0)).sum(dim=-1)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from rayrlhf.algorithms import entropy_from_logits, token_logprobs
+from rayrlhf.algorithms import (
+    Sampling,
+    entropy_from_logits,
+    sampling_logits,
+    seen_tokens,
+    token_logprobs,
+)
 from rayrlhf.batch import Batch, pack_rows, position_ids
 from rayrlhf.errors import ModelError
 from rayrlhf.lora import plain_model
@@ -153,20 +159,24 @@ def segment_mask(segments: torch.Tensor, samples: torch.Tensor | None = None) ->
     return allowed[:, None]
 
 
-def policy_logprobs(model, batch: Batch, temperature: float, packing: str = "none") -> torch.Tensor:
-    """[B, N] log-probs of the response tokens under `model`."""
-    return policy_logprobs_and_entropy(model, batch, temperature, with_entropy=False, packing=packing)[0]
+def policy_logprobs(model, batch: Batch, sampling: Sampling, packing: str = "none") -> torch.Tensor:
+    """[B, N] log-probs of the response tokens under `model`, in the engines' sampling distribution."""
+    return policy_logprobs_and_entropy(model, batch, sampling, with_entropy=False, packing=packing)[0]
 
 
-def policy_logprobs_and_entropy(model, batch: Batch, temperature: float, with_entropy: bool,
+def policy_logprobs_and_entropy(model, batch: Batch, sampling: Sampling, with_entropy: bool,
                                 packing: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs and, if asked, the entropy of the policy at each response position."""
     inputs, pick = _scoring_inputs(batch, packing)
     scoring = pick(model(**inputs, use_cache=False).logits)
-    logprobs = token_logprobs(scoring, batch["sequences"][:, batch.prompt_len:], temperature)
-    if not with_entropy:
-        return logprobs, None
-    return logprobs, entropy_from_logits(scoring / temperature)
+    tokens = batch["sequences"][:, batch.prompt_len:]
+    seen = None
+    if sampling.penalises:
+        prompts, real = (batch[key][:, :batch.prompt_len] for key in ("sequences", "attention_mask"))
+        seen = seen_tokens(prompts, real.bool(), tokens, scoring.shape[-1])
+    scoring = sampling_logits(scoring, tokens, sampling, seen)
+    logprobs = token_logprobs(scoring, tokens)
+    return logprobs, entropy_from_logits(scoring) if with_entropy else None
 
 
 def _scalar_head(model, batch: Batch) -> torch.Tensor:

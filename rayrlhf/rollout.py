@@ -36,7 +36,8 @@ class RolloutWorker:
                        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
                        enable_sleep_mode=rollout_cfg.sleep,
-                       # Log-probs after temperature, as the trainer computes them.
+                       # Log-probs of the distribution sampled from (after penalties, temperature,
+                       # top-k and top-p), as the trainer computes them (algorithms.Sampling).
                        logprobs_mode="processed_logprobs")
         self.asleep = False
 

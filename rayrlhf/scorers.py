@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import Batch
 from rayrlhf.modeling import (
     default_device,
@@ -26,17 +27,17 @@ def _scoring_model(model, model_cfg, device):
 
 
 class ReferenceWorker:
-    """log pi_ref of the sampled tokens, under the rollout temperature."""
+    """log pi_ref of the sampled tokens, in the engines' sampling distribution (algorithms.Sampling)."""
 
-    def __init__(self, model_path: str, model_cfg, micro_batch_size: int, temperature: float):
+    def __init__(self, model_path: str, model_cfg, micro_batch_size: int, sampling: Sampling):
         self.device = default_device()
         self.model = _scoring_model(load_causal_lm(model_path, model_cfg.dtype), model_cfg, self.device)
         self.micro_batch_size = micro_batch_size
-        self.temperature = temperature
+        self.sampling = sampling
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
         return infer_in_micro_batches(policy_logprobs, self.model, batch, self.micro_batch_size,
-                                      self.device, temperature=self.temperature)
+                                      self.device, sampling=self.sampling)
 
 
 class RewardWorker:

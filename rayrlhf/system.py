@@ -11,7 +11,7 @@ from ray.util.placement_group import remove_placement_group
 from tqdm import tqdm
 
 from rayrlhf import weight_sync
-from rayrlhf.algorithms import response_mask
+from rayrlhf.algorithms import Sampling, response_mask
 from rayrlhf.batch import Batch, build_batch
 from rayrlhf.cluster import RoleGroup, bundle, reserve
 from rayrlhf.data import Prompt
@@ -163,7 +163,7 @@ class RLHFSystem:
                 self.reference = self._group("reference", ReferenceWorker, ref.num_workers,
                                              ref.cpus_per_worker, ref.gpus_per_worker, lambda i: (
                                                  model_path, cfg.model, ref.micro_batch_size,
-                                                 r.temperature))
+                                                 Sampling.of(r)))
             rw = cfg.reward
             self.reward = self._group("reward", RewardWorker, rw.num_workers, rw.cpus_per_worker,
                                       rw.gpus_per_worker, lambda i: (rw, cfg.model))
@@ -240,7 +240,7 @@ class RLHFSystem:
         cfg = self.cfg
         group = trainer_group(role, cfg[role], model_path, cfg.algorithm.train_batch_size, cfg,
                               self.shared.get(role), algo_cfg=cfg.algorithm,
-                              temperature=cfg.rollout.temperature, norm_len=cfg.rollout.max_new_tokens)
+                              sampling=Sampling.of(cfg.rollout), norm_len=cfg.rollout.max_new_tokens)
         self.groups.append(group)
         return group
 

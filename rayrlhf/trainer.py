@@ -9,7 +9,15 @@ from collections import defaultdict
 import torch
 
 from rayrlhf import weight_sync
-from rayrlhf.algorithms import aggregate, kl_estimate, pairwise_loss, policy_loss, sft_nll, value_loss
+from rayrlhf.algorithms import (
+    Sampling,
+    aggregate,
+    kl_estimate,
+    pairwise_loss,
+    policy_loss,
+    sft_nll,
+    value_loss,
+)
 from rayrlhf.batch import Batch, balanced_groups, build_batch, prompt_groups, segment_sizes
 from rayrlhf.lora import apply_lora, hf_weights, plain_model
 from rayrlhf.modeling import (
@@ -84,10 +92,12 @@ class TrainerWorker:
         return node_address()
 
     def setup(self, master_addr: str, master_port: int, model_path: str, role_cfg, train_batch_size: int,
-              model_cfg, seed: int, algo_cfg=None, temperature: float = 1.0, norm_len: int = 1) -> None:
+              model_cfg, seed: int, algo_cfg=None, sampling: Sampling = Sampling(),
+              norm_len: int = 1) -> None:
         """`train_batch_size` samples make one optimizer step over all ranks; `model_cfg` gives
         the dtype and the linear layers' backend; `algo_cfg`,
-        `temperature` and `norm_len` (the PPO loss settings) matter to the actor and critic."""
+        `sampling` (the engines' sampling distribution, see algorithms.Sampling) and `norm_len` (the
+        PPO loss settings) matter to the actor and critic."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed
@@ -96,7 +106,7 @@ class TrainerWorker:
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=self.backend)
         torch.manual_seed(seed)
-        self.cfg, self.algo, self.temperature, self.norm_len = role_cfg, algo_cfg, temperature, norm_len
+        self.cfg, self.algo, self.sampling, self.norm_len = role_cfg, algo_cfg, sampling, norm_len
         dtype = model_cfg.dtype
         ds_config = deepspeed_config(role_cfg, train_batch_size, self.world_size, dtype)
         if role_cfg.zero_stage == 3:
@@ -143,7 +153,7 @@ class TrainerWorker:
         batch = to_device(build_batch(prompts, responses, 0), self.device)
         self.module.train()
         if self.role == "actor":
-            out = policy_logprobs(self.module, batch, self.temperature, self.packing)
+            out = policy_logprobs(self.module, batch, self.sampling, self.packing)
         else:
             out = token_values(self.module, batch, self.packing)
         weight = next(p for p in self.module.parameters() if p.requires_grad)
@@ -168,7 +178,7 @@ class TrainerWorker:
         for rows, micro in self._micro_batches(batch):
             micro = to_device(micro, self.device)
             if self.role == "actor":
-                out[rows] = policy_logprobs(self.module, micro, self.temperature, self.packing).float().cpu()
+                out[rows] = policy_logprobs(self.module, micro, self.sampling, self.packing).float().cpu()
             else:
                 out[rows] = token_values(self.module, micro, self.packing).cpu()
         return out
@@ -231,7 +241,7 @@ class TrainerWorker:
             return loss, {"loss/value": loss.detach(), "critic/clip_frac": stats["clip_frac"]}
 
         algo, mask = self.algo, batch["mask"]
-        logprobs, entropy = policy_logprobs_and_entropy(self.module, batch, self.temperature,
+        logprobs, entropy = policy_logprobs_and_entropy(self.module, batch, self.sampling,
                                                         with_entropy=algo.entropy_coef > 0,
                                                         packing=self.packing)
         if "old_logprobs" in batch.tensors:

@@ -21,9 +21,38 @@ def test_response_logprobs_reads_the_logits_one_position_before_each_token():
 
 def test_response_logprobs_divides_by_temperature():
     logits = torch.tensor([[[0.0, 0, LN2], [0, 0, 0]]])
-    got = alg.response_logprobs(logits, torch.tensor([[1, 2]]), prompt_len=1, temperature=2.0)
+    got = alg.response_logprobs(logits, torch.tensor([[1, 2]]), prompt_len=1,
+                                sampling=alg.Sampling(temperature=2.0))
     # logits / 2 = [0, 0, ln 2 / 2] -> p(2) = sqrt2 / (2 + sqrt2)
     assert math.isclose(got.item(), math.log(math.sqrt(2) / (2 + math.sqrt(2))), rel_tol=1e-6)
+
+
+def test_sampling_distribution_top_k_top_p_and_repetition_penalty():
+    """The trainer's log-probs are those of the distribution vLLM samples from."""
+    tokens = torch.tensor([[0]])
+    top_k = alg.sampling_logits(torch.tensor([[[3.0, 2.0, 1.0, 0.0]]]), tokens, alg.Sampling(top_k=2))
+    expected = 3 - math.log(math.e**3 + math.e**2)
+    assert torch.allclose(alg.token_logprobs(top_k, tokens), torch.tensor([[expected]]))
+    # p = [.5, .25, .125, .125]: top_p 0.7 keeps the smallest set from the top holding 0.7 -> {0, 1}.
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.125, 0.125]]]))
+    top_p = alg.sampling_logits(logits, tokens, alg.Sampling(top_p=0.7))
+    assert top_p.isinf().tolist() == [[[False, False, True, True]]]
+    assert math.isclose(alg.token_logprobs(top_p, tokens).item(), math.log(2 / 3), rel_tol=1e-6)
+    # A drawn token the rounding left out stays in, so it never has probability 0.
+    outside = alg.sampling_logits(logits, torch.tensor([[3]]), alg.Sampling(top_p=0.7))
+    assert outside.isinf().tolist() == [[[False, False, True, False]]]
+    # Repetition penalty 2 on seen tokens 1 (logit 2 -> 1) and 3 (logit -1 -> -2), then temperature 2.
+    seen = torch.tensor([[[False, True, False, True]]])
+    penalised = alg.sampling_logits(torch.tensor([[[3.0, 2.0, 1.0, -1.0]]]), tokens,
+                                    alg.Sampling(temperature=2.0, repetition_penalty=2.0), seen)
+    assert penalised.tolist() == [[[1.5, 0.5, 0.5, -1.0]]]
+    assert alg.entropy_from_logits(top_p).isfinite().all()
+
+
+def test_seen_tokens_are_the_prompt_and_the_response_so_far():
+    prompts, real = torch.tensor([[0, 5]]), torch.tensor([[False, True]])  # a left-padded prompt
+    seen = alg.seen_tokens(prompts, real, torch.tensor([[2, 3, 2]]), vocab=6)
+    assert [row.nonzero().flatten().tolist() for row in seen[0]] == [[5], [2, 5], [2, 3, 5]]
 
 
 def test_response_mask_stops_after_eos():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rayrlhf import weight_sync
+from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import balanced_groups, build_batch, first_fit, pack_rows, position_ids
 from rayrlhf.weight_sync import plan_buckets
 
@@ -119,8 +120,8 @@ def test_packed_rows_give_the_unpacked_logprobs_and_values(tiny_policy, tiny_rew
         tiny_policy, tiny_reward_model = realistic_models(family), realistic_models(family, "reward")
     policy, critic = load_causal_lm(tiny_policy, "float32"), load_scalar_model(tiny_reward_model, "float32")
     with torch.no_grad():
-        outputs = [(policy_logprobs(policy, batch, 0.7, packing), token_values(critic, batch, packing))
-                   for packing in ("none", "samples", "prompts")]
+        outputs = [(policy_logprobs(policy, batch, Sampling(0.7), packing),
+                    token_values(critic, batch, packing)) for packing in ("none", "samples", "prompts")]
     for kind, (logprobs, values) in zip(("samples", "prompts"), outputs[1:], strict=True):
         for row, length in enumerate(batch["response_lengths"].tolist()):
             assert torch.allclose(outputs[0][0][row, :length], logprobs[row, :length], atol=1e-5), (kind, row)
@@ -159,7 +160,7 @@ def test_packed_rows_give_the_unpacked_gradients(tiny_policy, realistic_models, 
         grads = []
         for packing in ("none", "samples", "prompts"):
             policy.zero_grad()
-            (policy_logprobs(policy, batch, 0.7, packing) * mask).sum().backward()
+            (policy_logprobs(policy, batch, Sampling(0.7), packing) * mask).sum().backward()
             grads.append({key: p.grad.clone() for key, p in policy.named_parameters() if p.requires_grad})
         assert any(grad.abs().sum() > 0 for grad in grads[0].values())
         for kind, packed in zip(("samples", "prompts"), grads[1:], strict=True):

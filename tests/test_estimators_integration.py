@@ -91,9 +91,12 @@ def test_reinforce_pp_with_kl_loss_and_every_loss_option(tmp_path, ray_cluster, 
                   "algorithm.dual_clip=3", "algorithm.clip_eps_high=0.28", "algorithm.entropy_coef=0.01",
                   "algorithm.loss_agg=seq_mean_token_sum_norm", "algorithm.tis_cap=2.0",
                   "reward.truncated_penalty=-0.5", "reward.normalize=true", "reward.clip=3",
-                  "algorithm.ppo_epochs=1")
+                  "algorithm.ppo_epochs=1", "rollout.top_p=0.95", "rollout.top_k=30",
+                  "rollout.repetition_penalty=1.1")
     assert finite(history, "loss/policy", "loss/kl", "policy/entropy", "kl/mean")
     assert history[-1]["loss/kl"] >= 0  # k3 never goes negative
+    # The trainer's log-probs are of the engines' truncated, penalised distribution too.
+    assert history[0]["sync/logprob_gap_mean"] < 1e-4
     # KL in the loss and one optimizer step per batch: no separate old-log-prob pass.
     assert "time/role/actor_infer" not in history[-1] and "time/role/reference_logprobs" in history[-1]
 
@@ -126,11 +129,16 @@ def test_remote_reward_model_over_loopback(tmp_path, ray_cluster, tiny_policy, t
 
 
 def test_decoding_options_in_the_engine(tiny_policy):
+    """Stop strings, n samples, greedy decoding; and with top-k, top-p, a repetition penalty and a
+    temperature, the engine's log-probs and the trainer's mean the same distribution."""
+    from rayrlhf.algorithms import Sampling
+    from rayrlhf.batch import build_batch
+    from rayrlhf.modeling import load_causal_lm, policy_logprobs
     from rayrlhf.rollout import RolloutWorker
 
     cfg = load_config("conf/tiny_ppo.yaml", ["rollout.stop=[e]", "rollout.n=3", "rollout.top_k=20",
                                              "rollout.top_p=0.9", "rollout.repetition_penalty=1.2",
-                                             "rollout.max_new_tokens=12"])
+                                             "rollout.temperature=0.8", "rollout.max_new_tokens=12"])
     engine = RolloutWorker(tiny_policy, "", cfg.rollout, "float32", seed=0, max_model_len=64)
     prompts = [[10, 11, 12], [20, 21]] * 8
     sampled = engine.generate(prompts)
@@ -148,3 +156,11 @@ def test_decoding_options_in_the_engine(tiny_policy):
     assert greedy == [g[0].response_ids for g in engine.generate(prompts, greedy=True)]
     assert all(len(g) == 1 for g in engine.generate(prompts, greedy=True))
     assert torch.tensor([lp for s in samples for lp in s.logprobs]).isfinite().all()
+    flat_prompts = [p for p in prompts for _ in range(3)]
+    batch = build_batch(flat_prompts, [s.response_ids for s in samples], pad_id=0)
+    with torch.no_grad():
+        policy = load_causal_lm(tiny_policy, "float32")
+        trainer_side = policy_logprobs(policy, batch, Sampling.of(cfg.rollout))
+    gaps = [(trainer_side[row, :len(s.logprobs)] - torch.tensor(s.logprobs)).abs().max() for row, s in
+            enumerate(samples)]
+    assert max(gaps) < 1e-4, max(gaps)

@@ -100,6 +100,7 @@ def test_zero3_two_ranks_and_checkpoint_loads_in_vllm(tmp_path, ray_cluster, tin
 
     # The saved policy (gathered from ZeRO-3 shards) loads in vLLM and in transformers, and the
     # two give the same log-probs for the same tokens.
+    from rayrlhf.algorithms import Sampling
     from rayrlhf.batch import build_batch
     from rayrlhf.modeling import load_causal_lm, policy_logprobs
     from rayrlhf.rollout import RolloutWorker
@@ -110,7 +111,7 @@ def test_zero3_two_ranks_and_checkpoint_loads_in_vllm(tmp_path, ray_cluster, tin
     samples = [s[0] for s in engine.generate(prompts)]
     batch = build_batch(prompts, [s.response_ids for s in samples], pad_id=0)
     with torch.no_grad():
-        trainer_side = policy_logprobs(load_causal_lm(saved, "float32"), batch, cfg.rollout.temperature)
+        trainer_side = policy_logprobs(load_causal_lm(saved, "float32"), batch, Sampling.of(cfg.rollout))
     for row, sample in enumerate(samples):
         n = len(sample.logprobs)
         assert torch.allclose(trainer_side[row, :n], torch.tensor(sample.logprobs), atol=1e-4)

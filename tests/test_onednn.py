@@ -72,11 +72,12 @@ def test_models_train_as_with_torch_linear(tiny_policy, tiny_reward_model):
 @pytest.mark.parametrize("backend", ["onednn", "torch", "auto"])
 def test_model_linear_backend_picks_the_backend_of_the_scoring_models(tiny_policy, backend):
     """auto is oneDNN on AMD CPUs only (MKL, torch's BLAS, runs its AVX2 path there)."""
+    from rayrlhf.algorithms import Sampling
     from rayrlhf.config import load_config
     from rayrlhf.scorers import ReferenceWorker
 
     cfg = load_config("conf/tiny_ppo.yaml", [f"model.linear_backend={backend}"])
-    reference = ReferenceWorker(tiny_policy, cfg.model, micro_batch_size=4, temperature=1.0)
+    reference = ReferenceWorker(tiny_policy, cfg.model, micro_batch_size=4, sampling=Sampling())
     kinds = {type(m) for m in reference.model.modules() if isinstance(m, torch.nn.Linear)}
     amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
     onednn = backend == "onednn" or (backend == "auto" and amd)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rayrlhf import weight_sync
+from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import build_batch
 from rayrlhf.config import load_config
 from rayrlhf.modeling import load_causal_lm, policy_logprobs
@@ -15,12 +16,12 @@ from rayrlhf.modeling import load_causal_lm, policy_logprobs
 pytestmark = pytest.mark.integration
 
 
-def _engine_agrees(engine, policy, prompts, temperature):
+def _engine_agrees(engine, policy, prompts, sampling):
     """The engine's log-probs of its own samples match `policy`'s."""
     samples = [group[0] for group in engine.generate(prompts)]
     batch = build_batch(prompts, [s.response_ids for s in samples], pad_id=0)
     with torch.no_grad():
-        trainer_side = policy_logprobs(policy, batch, temperature)
+        trainer_side = policy_logprobs(policy, batch, sampling)
     return all(torch.allclose(trainer_side[row, :len(s.logprobs)], torch.tensor(s.logprobs), atol=1e-4)
                for row, s in enumerate(samples))
 
@@ -86,7 +87,7 @@ def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, realistic_models, mo
     vocab = policy.config.vocab_size
     prompts = [[10 % vocab, 1100 % vocab, 2000 % vocab], [5000 % vocab, 200 % vocab, 7 % vocab, 31], [7, 8]]
     # The file holds zeros (nobody wrote it yet): the engine still samples from its checkpoint.
-    assert _engine_agrees(engine, policy, prompts, cfg.rollout.temperature)
+    assert _engine_agrees(engine, policy, prompts, Sampling.of(cfg.rollout))
     if placed:
         assert weight_sync.place_in_shared(policy, shared, plan) == len(list(policy.parameters()))
         file_start = shared.data_ptr()
@@ -96,8 +97,8 @@ def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, realistic_models, mo
         _perturbed(policy, seed)
         weight_sync.send_buckets(policy, plan, is_sender=True, device=torch.device("cpu"), shared=shared)
         # Written but not yet received: the engine still has the weights of the last sync.
-        assert _engine_agrees(engine, loaded, prompts, cfg.rollout.temperature), seed
+        assert _engine_agrees(engine, loaded, prompts, Sampling.of(cfg.rollout)), seed
         engine.receive_weights(plan)
-        assert _engine_agrees(engine, policy, prompts, cfg.rollout.temperature), seed
+        assert _engine_agrees(engine, policy, prompts, Sampling.of(cfg.rollout)), seed
         loaded.load_state_dict(policy.state_dict())
     assert in_place == [True, True]
