@@ -70,6 +70,21 @@ def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
     return tokenizer(text).input_ids
 
 
+def reward_model_batch(tokenizer, prompts: list[str], responses: list[str], chat_template: bool) -> Batch:
+    """A reward model's own tokens for (prompt, response) texts, in the shared layout: the prompt
+    encoded as the data pipeline encodes the policy's (through the chat template as a user turn if
+    data.chat_template), the response after it. In-process reward models with another tokenizer
+    than the policy and the remote reward server both score this."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return build_batch([encode_prompt(tokenizer, p, chat_template) for p in prompts],
+                       [tokenizer(r, add_special_tokens=False).input_ids for r in responses], pad_id)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (so one's ids mean the same to the other)."""
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
 def _no_task(key: str) -> DataError:
     return DataError(f"no data: set {key} or data.task (built-in tasks: {', '.join(TASKS)})")
 

@@ -19,7 +19,7 @@ from threading import Lock
 
 import torch
 
-from rayrlhf.batch import build_batch
+from rayrlhf.data import reward_model_batch
 from rayrlhf.errors import RewardError
 from rayrlhf.modeling import default_device, infer_in_micro_batches, load_scalar_model, sequence_scores
 
@@ -40,22 +40,19 @@ class RewardServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.model = model
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
         self.token = token
         self.micro_batch_size = micro_batch_size
         self.device = device
         self.lock = Lock()
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """The reward at each response's last token, laid out as the in-process RewardWorker does."""
+    def score(self, prompts: list[str], responses: list[str], chat_template: bool = False) -> list[float]:
+        """The reward at each response's last token, of the texts tokenised as an in-process reward
+        model with its own tokenizer does (data.reward_model_batch)."""
         if not prompts:
             return []
         # The lock covers tokenising too: a fast tokenizer is not safe to share across threads.
         with self.lock, torch.no_grad():
-            prompt_ids = self.tokenizer(prompts).input_ids
-            response_ids = self.tokenizer(responses, add_special_tokens=False).input_ids
-            batch = build_batch(prompt_ids, response_ids, self.pad_id)
+            batch = reward_model_batch(self.tokenizer, prompts, responses, chat_template)
             scores = infer_in_micro_batches(sequence_scores, self.model, batch, self.micro_batch_size,
                                             self.device)
         return scores.tolist()
@@ -105,12 +102,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.NOT_FOUND, {"error": f"unknown path {self.path}"})
             return
         try:
-            prompts, responses = _parse_score_request(body)
+            prompts, responses, chat_template = _parse_score_request(body)
         except _BadRequest as err:
             self._reply(HTTPStatus.BAD_REQUEST, {"error": str(err)})
             return
         try:
-            scores = self.server.score(prompts, responses)
+            scores = self.server.score(prompts, responses, chat_template)
         except Exception as err:  # noqa: BLE001 - any model failure becomes a 500 the client can retry
             self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"scoring failed: {err!r}"})
             return
@@ -125,7 +122,9 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(length))
 
 
-def _parse_score_request(body: bytes) -> tuple[list[str], list[str]]:
+def _parse_score_request(body: bytes) -> tuple[list[str], list[str], bool]:
+    """prompts, responses, and chat_template (optional, false: wrap each prompt in the tokenizer's
+    chat template as a user turn, as the run's data.chat_template does)."""
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -141,7 +140,10 @@ def _parse_score_request(body: bytes) -> tuple[list[str], list[str]]:
     prompts, responses = request["prompts"], request["responses"]
     if len(prompts) != len(responses):
         raise _BadRequest(f"'prompts' has {len(prompts)} items but 'responses' has {len(responses)}")
-    return prompts, responses
+    chat_template = request.get("chat_template", False)
+    if not isinstance(chat_template, bool):
+        raise _BadRequest("'chat_template' must be true or false")
+    return prompts, responses, chat_template
 
 
 def make_server(model_path: str, host: str = "127.0.0.1", port: int = 0, token: str = "",
@@ -182,8 +184,9 @@ class RemoteRewardClient:
         self.retries = retries
         self.backoff_s = backoff_s
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        reply = self._post({"prompts": list(prompts), "responses": list(responses)})
+    def score(self, prompts: list[str], responses: list[str], chat_template: bool = False) -> list[float]:
+        reply = self._post({"prompts": list(prompts), "responses": list(responses),
+                            "chat_template": chat_template})
         scores = reply.get("scores") if isinstance(reply, dict) else None
         if not isinstance(scores, list) or not all(isinstance(s, (int, float)) for s in scores):
             raise RewardError(f"reward server {self.url} replied without a list of numeric 'scores'")

@@ -6,11 +6,13 @@ import torch
 
 from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import Batch
+from rayrlhf.data import reward_model_batch, same_tokenizer
 from rayrlhf.modeling import (
     default_device,
     infer_in_micro_batches,
     load_causal_lm,
     load_scalar_model,
+    load_tokenizer,
     policy_logprobs,
     sequence_scores,
 )
@@ -46,14 +48,22 @@ class RewardWorker:
     Sources: a reward function (built-in or the user's file), HF reward models read at the last
     real token, and remote reward servers. A sample whose reward cannot be computed comes back
     as NaN with the reason, so the driver can stop naming it or drop it.
+
+    A reward model whose tokenizer is the policy's scores the sampled token ids themselves; one
+    of another tokenizer (another model family) scores the texts tokenised its own way, exactly as
+    the remote server does (data.reward_model_batch), with the prompt through the chat template
+    when `chat_template` (data.chat_template).
     """
 
-    def __init__(self, reward_cfg, model_cfg):
+    def __init__(self, reward_cfg, model_cfg, chat_template: bool):
         self.device = default_device()
-        self.cfg = reward_cfg
+        self.cfg, self.chat_template = reward_cfg, chat_template
         self.function = load_reward_function(reward_cfg.function) if reward_cfg.function else None
+        policy_tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.path) if reward_cfg.models \
+            else None
         self.models = [(spec.path, spec.weight,
-                        _scoring_model(load_scalar_model(spec.path, model_cfg.dtype), model_cfg, self.device))
+                        _scoring_model(load_scalar_model(spec.path, model_cfg.dtype), model_cfg, self.device),
+                        _own_tokenizer(spec.path, policy_tokenizer))
                        for spec in reward_cfg.models]
         self.remotes = [(spec.url, spec.weight, RemoteRewardClient(
             spec.url, spec.token, reward_cfg.remote_timeout_s, reward_cfg.remote_retries))
@@ -68,13 +78,15 @@ class RewardWorker:
         if self.function is not None:
             values, metrics, reasons = self._call_function(prompts, responses, fields)
             total += self.cfg.function_weight * values
-        for path, weight, model in self.models:
-            values = infer_in_micro_batches(sequence_scores, model, batch, self.cfg.micro_batch_size,
+        for path, weight, model, tokenizer in self.models:
+            inputs = batch if tokenizer is None else \
+                reward_model_batch(tokenizer, prompts, responses, self.chat_template)
+            values = infer_in_micro_batches(sequence_scores, model, inputs, self.cfg.micro_batch_size,
                                             self.device)
             self._note_non_finite(values, f"reward model '{path}'", reasons)
             total += weight * values
         for url, weight, client in self.remotes:
-            values = torch.tensor(client.score(prompts, responses), dtype=torch.float32)
+            values = torch.tensor(client.score(prompts, responses, self.chat_template), dtype=torch.float32)
             self._note_non_finite(values, f"remote reward '{url}'", reasons)
             total += weight * values
         for row in reasons:
@@ -120,3 +132,19 @@ class RewardWorker:
         metrics = {k: torch.tensor([float(rows[r]) if r in rows else nan for r in range(len(prompts))])
                    for k, rows in per_metric.items()}
         return torch.cat(values), metrics, reasons
+
+
+def _own_tokenizer(model_path: str, policy_tokenizer):
+    """The reward model's tokenizer where it differs from the policy's, else None (the sampled ids
+    serve). A reward model saved without one is taken to share the policy's."""
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except (OSError, ValueError):
+        print(f"reward model {model_path} has no tokenizer of its own: it scores the policy's tokens",
+              flush=True)
+        return None
+    if same_tokenizer(tokenizer, policy_tokenizer):
+        return None
+    print(f"reward model {model_path} has another tokenizer than the policy: it scores the texts "
+          "tokenised its own way", flush=True)
+    return tokenizer

@@ -166,7 +166,7 @@ class RLHFSystem:
                                                  Sampling.of(r)))
             rw = cfg.reward
             self.reward = self._group("reward", RewardWorker, rw.num_workers, rw.cpus_per_worker,
-                                      rw.gpus_per_worker, lambda i: (rw, cfg.model))
+                                      rw.gpus_per_worker, lambda i: (rw, cfg.model, cfg.data.chat_template))
             self.actor = self._trainer_group("actor", model_path)
             self.critic = None
             if "critic" in roles:

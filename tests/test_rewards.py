@@ -48,7 +48,7 @@ def reward_file(tmp_path_factory):
 
 def worker(*overrides):
     cfg = load_config("conf/tiny_ppo.yaml", list(overrides))
-    return RewardWorker(cfg.reward, cfg.model)
+    return RewardWorker(cfg.reward, cfg.model, cfg.data.chat_template)
 
 
 def batch_of(tokenizer):
@@ -75,18 +75,60 @@ def test_a_failing_function_is_pinned_on_its_samples(reward_file, name, rows, re
     assert [math.isnan(v) for v in out["scores"].tolist()] == [i in rows for i in range(3)]
 
 
-def test_sources_combine_with_weights(tmp_path):
+def test_sources_combine_with_weights(tmp_path, tiny_policy):
     from rayrlhf.tiny import build_tiny_model
 
     rm = str(build_tiny_model(tmp_path / "rm", kind="reward", seed=3))
     tokenizer = build_tokenizer()
     batch = batch_of(tokenizer)
-    out = worker("reward.function=alphabet", "reward.function_weight=0.5",
+    out = worker(f"model.path={tiny_policy}", "reward.function=alphabet", "reward.function_weight=0.5",
                  f"reward.models=[{{path: {rm}, weight: 2.0}}]").scores(batch, PROMPTS, RESPONSES, {})
     with torch.no_grad():
         model_scores = sequence_scores(load_scalar_model(rm, "float32").eval(), batch)
     rule = torch.tensor([4 / 8, 3 / 8, 0.0])  # d e f g follow c; n (after m), y, z; nothing in bbbb
     assert torch.allclose(out["scores"], 0.5 * rule + 2.0 * model_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_a_reward_model_of_another_tokenizer_scores_its_own_tokens_as_the_server_does(
+        tiny_policy, realistic_models, chat_template):
+    """The policy has the character tokenizer; the reward model is another family's (a 32k
+    sentencepiece vocabulary): it must score the texts in its own tokens (the policy's ids mean
+    nothing to it), the prompt in its chat template if the run uses one, and a remote server on
+    the same model must give the same scores."""
+    import threading
+
+    from rayrlhf.data import reward_model_batch
+    from rayrlhf.modeling import load_tokenizer
+    from rayrlhf.reward_server import RemoteRewardClient, make_server
+
+    rm = realistic_models("qwen3", "reward")
+    rm_tokenizer = load_tokenizer(rm)
+    if chat_template:  # the sentencepiece tokenizer ships none; give it one, as a chat model has
+        rm_tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+        rm_tokenizer.save_pretrained(rm + "-chat")
+        load_scalar_model(rm, "float32").save_pretrained(rm + "-chat")
+        rm += "-chat"
+    policy_batch = batch_of(build_tokenizer())
+    out = worker(f"model.path={tiny_policy}", "reward.function=", f"reward.models=[{{path: {rm}}}]",
+                 f"data.chat_template={chat_template}").scores(policy_batch, PROMPTS, RESPONSES, {})
+    own = reward_model_batch(rm_tokenizer, PROMPTS, RESPONSES, chat_template)
+    if chat_template:
+        first = own["sequences"][0][own["attention_mask"][0].bool()]
+        assert first.tolist()[:3] == rm_tokenizer("[user]").input_ids[:3]
+    with torch.no_grad():
+        expected = sequence_scores(load_scalar_model(rm, "float32").eval(), own)
+    assert torch.allclose(out["scores"], expected, atol=1e-5)
+    server = make_server(rm)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = RemoteRewardClient(f"http://127.0.0.1:{server.server_address[1]}")
+        remote = client.score(PROMPTS, RESPONSES, chat_template)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert torch.allclose(torch.tensor(remote), expected, atol=1e-5)
 
 
 def rollout_with(scores):
