@@ -84,7 +84,8 @@ def main() -> None:
         actor_cfg.compile = compiled
         workers[compiled] = TrainerWorker("actor", 0, 1)
         workers[compiled].setup("127.0.0.1", free_port("127.0.0.1"), cfg.model.path, actor_cfg, samples,
-                                cfg.model, cfg.seed, cfg.algorithm, Sampling.of(cfg.rollout), longest)
+                                cfg.model, cfg.seed, algo_cfg=cfg.algorithm,
+                                sampling=Sampling.of(cfg.rollout), norm_len=longest)
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
     for round_index in range(args.rounds):
         batch = grpo_batch()

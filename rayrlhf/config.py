@@ -148,6 +148,11 @@ class TrainerRoleConfig:
     gpus_per_rank: float = 0.0
     zero_stage: int = 2
     lr: float = 1e-5
+    # The learning rate over the role's optimizer steps: warmup_steps rising linearly from 0, then
+    # constant, or linear or cosine down to min_lr_ratio x lr at the last step (trainer.lr_factor).
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 16
@@ -214,6 +219,10 @@ class SupervisedStageConfig(TrainerRoleConfig):
     batch_size: int = 32
     # Held-out evaluation every N steps, and always at the end (0: only at the end).
     eval_every: int = 0
+    # Full checkpoints (DeepSpeed states, RNG states, data position) every N steps under
+    # output_dir/checkpoints, keeping the last `keep_checkpoints`; 0 is off. Resume with resume=true.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -393,6 +402,7 @@ class RunConfig:
 STAGES = ("sft", "rm", "ppo")
 PPO_ROLES = ("rollout", "reference", "reward", "actor", "critic")
 WEIGHT_TRANSPORTS = ("auto", "shared_memory", "cuda_ipc", "collective")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -497,6 +507,9 @@ def _check_trainer_role(cfg: DictConfig, role: str, longest_sample: int) -> None
     _check(r.lr > 0, f"{role}.lr", f"must be > 0, got {r.lr}")
     _check(r.grad_clip >= 0, f"{role}.grad_clip", "must be >= 0")
     _check(r.weight_decay >= 0, f"{role}.weight_decay", f"must be >= 0, got {r.weight_decay}")
+    _one_of(cfg, f"{role}.lr_schedule", LR_SCHEDULES)
+    _check(r.warmup_steps >= 0, f"{role}.warmup_steps", f"must be >= 0, got {r.warmup_steps}")
+    _check(0 <= r.min_lr_ratio <= 1, f"{role}.min_lr_ratio", f"must be in [0, 1], got {r.min_lr_ratio}")
     _check(r.lora.rank >= 0, f"{role}.lora.rank", f"must be >= 0 (0 is off), got {r.lora.rank}")
     if r.lora.rank:
         _check(r.lora.alpha > 0, f"{role}.lora.alpha", f"must be > 0, got {r.lora.alpha}")
@@ -508,8 +521,9 @@ def _check_supervised(cfg: DictConfig, stage: str) -> None:
     s, data = cfg[stage], cfg[stage].data
     for key in ("epochs", "batch_size"):
         _check(s[key] >= 1, f"{stage}.{key}", f"must be >= 1, got {s[key]}")
-    for key in ("max_steps", "eval_every"):
+    for key in ("max_steps", "eval_every", "checkpoint_every"):
         _check(s[key] >= 0, f"{stage}.{key}", f"must be >= 0, got {s[key]}")
+    _check(s.keep_checkpoints >= 1, f"{stage}.keep_checkpoints", f"must be >= 1, got {s.keep_checkpoints}")
     _check(s.batch_size % (s.num_ranks * s.micro_batch_size) == 0, f"{stage}.batch_size",
            f"({s.batch_size}) must be a multiple of {stage}.num_ranks x {stage}.micro_batch_size "
            f"({s.num_ranks} x {s.micro_batch_size})")

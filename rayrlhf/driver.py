@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +15,12 @@ from tqdm import tqdm
 from rayrlhf import algorithms as alg
 from rayrlhf.batch import Batch
 from rayrlhf.checkpoint import (
+    PPO_RESUME_KEYS,
+    GracefulStop,
+    check_resumable,
     checkpoint_dir,
     complete_checkpoints,
     prune,
-    read_state,
     resolve_resume,
     write_state,
 )
@@ -43,6 +43,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
     sampler = PromptSampler(prompts, cfg.trainer.prompts_per_step, cfg.seed)
     evaluator = Evaluator(cfg, tokenizer) if cfg.eval.every else None
     resume_from = resolve_resume(cfg.resume, output_dir)
+    resumed = None if resume_from is None else check_resumable(resume_from, cfg, PPO_RESUME_KEYS)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
@@ -56,7 +57,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
         kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
         ahead = cfg.trainer.max_staleness if cfg.trainer.async_rollout else 0
         rollouts = RolloutQueue(system, sampler, ahead, cfg.trainer.total_steps)
-        first_step = 1 if resume_from is None else resume(system, resume_from, kl_ctl, rollouts)
+        first_step = 1 if resume_from is None else resume(system, resume_from, resumed, kl_ctl, rollouts)
         log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step, logging_cfg=cfg.logging,
                          config=OmegaConf.to_container(cfg, resolve=True))
         if evaluator and cfg.eval.before_training and first_step == 1:
@@ -100,8 +101,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
                 after_step(metrics)
             every = cfg.trainer.checkpoint_every
             if (every and step % every == 0) or stop.signum:
-                saved = save_checkpoint(system, output_dir, step, kl_ctl, rollouts,
-                                        cfg.trainer.keep_checkpoints)
+                saved = save_checkpoint(system, cfg, step, kl_ctl, rollouts)
                 if stop.signum:
                     raise Interrupted(f"stopped by signal {stop.signum} after step {step}; checkpoint in "
                                       f"{saved}; to continue, run the same command with resume=true",
@@ -171,46 +171,23 @@ def actor_died(err: ray.exceptions.RayActorError, system: RLHFSystem | None, out
                         f"out of memory); the run stopped and its actors were released; {hint}")
 
 
-class GracefulStop:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second
-    signal interrupts at once."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():  # only there can Python catch them
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        tqdm.write(f"signal {signum}: saving a checkpoint and stopping after this step "
-                   "(signal again to stop at once)")
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 ROLLOUTS_FILE = "rollouts.pt"
 
 
-def save_checkpoint(system: RLHFSystem, output_dir: Path, step: int, kl_ctl, rollouts: RolloutQueue,
-                    keep: int) -> Path:
+def save_checkpoint(system: RLHFSystem, cfg: DictConfig, step: int, kl_ctl, rollouts: RolloutQueue) -> Path:
+    output_dir = Path(cfg.output_dir)
     path = checkpoint_dir(output_dir, step)
     system.save_checkpoint(str(path))
     torch.save(rollouts.state(), path / ROLLOUTS_FILE)
-    write_state(path, {"step": step, "kl_coef": kl_ctl.coef})
-    prune(output_dir, keep)
+    write_state(path, {"step": step, "kl_coef": kl_ctl.coef}, cfg, PPO_RESUME_KEYS)
+    prune(output_dir, cfg.trainer.keep_checkpoints)
     return path
 
 
-def resume(system: RLHFSystem, path: Path, kl_ctl, rollouts: RolloutQueue) -> int:
+def resume(system: RLHFSystem, path: Path, state: dict, kl_ctl, rollouts: RolloutQueue) -> int:
     """Restores trainers (and the engines' weights), KL controller, data position and the batches
     drawn before it; returns the first step to run."""
     system.load_checkpoint(str(path))
-    state = read_state(path)
     kl_ctl.coef = state["kl_coef"]
     rollouts.restore(torch.load(path / ROLLOUTS_FILE, weights_only=False))
     tqdm.write(f"resumed from {path} after step {state['step']}")

@@ -19,8 +19,9 @@ from pathlib import Path
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from rayrlhf.checkpoint import complete_checkpoints
 from rayrlhf.cluster import start_ray
-from rayrlhf.config import RewardModelSpec, validate
+from rayrlhf.config import ConfigError, RewardModelSpec, validate
 from rayrlhf.driver import train
 from rayrlhf.supervised import train_supervised
 
@@ -43,6 +44,12 @@ def stage_configs(cfg: DictConfig) -> dict[str, DictConfig]:
                 stage_cfg.reward.models.append(RewardModelSpec(rm_path, cfg.pipeline.rm_weight))
                 if cfg.pipeline.critic_from_rm and not cfg.critic.model_path:
                     stage_cfg.critic.model_path = rm_path
+        if cfg.resume:  # each stage from its own newest checkpoint, where it has one
+            if cfg.resume.lower() not in ("true", "latest"):
+                raise ConfigError(f"resume={cfg.resume}: the pipeline resumes each stage from its newest "
+                                  "checkpoint (resume=true); give a checkpoint path to the stage's own "
+                                  "command")
+            stage_cfg.resume = cfg.resume if complete_checkpoints(root / stage) else ""
         validate(stage_cfg, stage)
         out[stage] = stage_cfg
     return out

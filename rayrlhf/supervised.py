@@ -3,6 +3,7 @@ fed batches of demonstrations or preference pairs by this driver.
 
     for each optimizer step: a batch -> split over the ranks -> train_step (all-reduce, step)
     every eval_every steps and at the end: held-out loss (SFT) or pairwise accuracy (RM)
+    every checkpoint_every steps (and on SIGTERM/SIGINT): a checkpoint resume=true continues from
     save the model in HF format: <output_dir>/model
 """
 
@@ -15,9 +16,18 @@ from pathlib import Path
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from rayrlhf.checkpoint import (
+    GracefulStop,
+    check_resumable,
+    checkpoint_dir,
+    prune,
+    resolve_resume,
+    supervised_resume_keys,
+    write_state,
+)
 from rayrlhf.cluster import start_ray
 from rayrlhf.data import SupervisedData, load_supervised, pack, preference_batch, sft_batch
-from rayrlhf.errors import DataError
+from rayrlhf.errors import DataError, Interrupted
 from rayrlhf.metrics import MetricsLog, StageTimer
 from rayrlhf.modeling import check_model_path, load_tokenizer
 from rayrlhf.system import role_memory, trainer_group, wait
@@ -39,19 +49,30 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
     data = load_supervised(stage, stage_cfg.data, cfg.data.task, tokenizer, cfg.seed)
     print(f"{stage} data: {data.describe()}", flush=True)
     batches = Batches(stage, data, stage_cfg, tokenizer.pad_token_id, cfg.seed)
+    resume_from = resolve_resume(cfg.resume, output_dir)
+    keys = supervised_resume_keys(stage)
+    first_step = 1 if resume_from is None else check_resumable(resume_from, cfg, keys)["step"] + 1
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
     started_ray = start_ray(cfg.ray)
     group, log = None, None
     timeout_s = cfg.ray.call_timeout_s
+    stop = GracefulStop()
     try:
-        group = trainer_group(stage, stage_cfg, model_path, stage_cfg.batch_size, cfg)
+        group = trainer_group(stage, stage_cfg, model_path, stage_cfg.batch_size, cfg,
+                              total_steps=batches.total_steps)
         ranks = len(group.actors)
-        log = MetricsLog(output_dir, batches.total_steps, name=stage, progress=PROGRESS[stage],
+        if resume_from is not None:
+            wait(group.call("load_checkpoint", str(resume_from / stage)), f"{stage} checkpoint load",
+                 timeout_s)
+            print(f"resumed from {resume_from} after step {first_step - 1}", flush=True)
+        log = MetricsLog(output_dir, batches.total_steps, first_step, name=stage, progress=PROGRESS[stage],
                          logging_cfg=cfg.logging, config=OmegaConf.to_container(cfg, resolve=True))
         metrics: dict[str, float] = {}
         for step, batch in enumerate(batches, 1):
+            if step < first_step:  # trained on before the checkpoint
+                continue
             timer = StageTimer()
             with timer("train"):
                 per_rank = wait(group.scatter("train_step", [(b,) for b in batch.chunks(ranks)]),
@@ -64,9 +85,23 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
                         "throughput/samples_per_s": len(batch) / timer.seconds["train"],
                         **role_memory([group], timeout_s)}
             log.log(metrics)
+            every = stage_cfg.checkpoint_every
+            if (every and step % every == 0) or stop.signum:
+                path = checkpoint_dir(output_dir, step)
+                wait(group.call("save_checkpoint", str(path / stage)), f"{stage} checkpoint save", timeout_s)
+                write_state(path, {"step": step}, cfg, keys)
+                prune(output_dir, stage_cfg.keep_checkpoints)
+                if stop.signum:
+                    raise Interrupted(f"stopped by signal {stop.signum} after step {step}; checkpoint in "
+                                      f"{path}; to continue, run the same command with resume=true",
+                                      stop.signum)
+        if not metrics:  # resumed after the last step
+            metrics = {"step": batches.total_steps,
+                       **held_out_metrics(stage, group, batches.held_out, timeout_s)}
         wait(group.call("save", str(output_dir / "model")), f"{stage} save", timeout_s)
         tokenizer.save_pretrained(output_dir / "model")
     finally:
+        stop.restore()
         if log is not None:
             log.close()
         if group is not None:

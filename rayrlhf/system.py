@@ -238,8 +238,11 @@ class RLHFSystem:
 
     def _trainer_group(self, role: str, model_path: str) -> RoleGroup:
         cfg = self.cfg
-        group = trainer_group(role, cfg[role], model_path, cfg.algorithm.train_batch_size, cfg,
-                              self.shared.get(role), algo_cfg=cfg.algorithm,
+        algo = cfg.algorithm
+        steps = cfg.trainer.total_steps * algo.ppo_epochs * cfg.trainer.prompts_per_step * cfg.rollout.n \
+            // algo.train_batch_size
+        group = trainer_group(role, cfg[role], model_path, algo.train_batch_size, cfg,
+                              self.shared.get(role), total_steps=steps, algo_cfg=algo,
                               sampling=Sampling.of(cfg.rollout), norm_len=cfg.rollout.max_new_tokens)
         self.groups.append(group)
         return group

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import socket
 from collections import defaultdict
 
@@ -92,12 +94,12 @@ class TrainerWorker:
         return node_address()
 
     def setup(self, master_addr: str, master_port: int, model_path: str, role_cfg, train_batch_size: int,
-              model_cfg, seed: int, algo_cfg=None, sampling: Sampling = Sampling(),
+              model_cfg, seed: int, total_steps: int = 1, algo_cfg=None, sampling: Sampling = Sampling(),
               norm_len: int = 1) -> None:
-        """`train_batch_size` samples make one optimizer step over all ranks; `model_cfg` gives
-        the dtype and the linear layers' backend; `algo_cfg`,
-        `sampling` (the engines' sampling distribution, see algorithms.Sampling) and `norm_len` (the
-        PPO loss settings) matter to the actor and critic."""
+        """`train_batch_size` samples make one optimizer step over all ranks, of `total_steps` in
+        the run (the learning-rate schedule's length); `model_cfg` gives the dtype and the linear
+        layers' backend; `algo_cfg`, `sampling` (the engines' sampling distribution, see
+        algorithms.Sampling) and `norm_len` (the PPO loss settings) matter to the actor and critic."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed
@@ -132,7 +134,13 @@ class TrainerWorker:
             # module); torch compiles it at its first forward and backward.
             plain_model(model).base_model.compile(dynamic=True)
         trained = [p for p in model.parameters() if p.requires_grad]
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds_config)
+
+        def schedule(optimizer):  # DeepSpeed steps it after each optimizer step and checkpoints it
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda taken: lr_factor(
+                taken + 1, role_cfg.lr_schedule, role_cfg.warmup_steps, total_steps, role_cfg.min_lr_ratio))
+
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds_config,
+                                               lr_scheduler=schedule)
         if self.world_size == 1 and role_cfg.zero_stage == 0:
             # One rank has nothing to all-reduce, but DeepSpeed would still copy every gradient
             # through a buffer at each step.
@@ -286,16 +294,21 @@ class TrainerWorker:
             for minibatch in batch.select(order).minibatches(per_rank):
                 rows = self._optimizer_step(minibatch, sums, kl_coef=kl_coef)
         if not from_forward:
-            return _means(sums), None
+            return self._means(sums), None
         old_logprobs = torch.empty_like(batch["engine_logprobs"])
         old_logprobs[order[torch.cat(rows)]] = torch.cat(self.forward_logprobs)
-        return _means(sums), old_logprobs
+        return self._means(sums), old_logprobs
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on this rank's share of a batch (SFT and reward-model training)."""
         sums: dict[str, float] = defaultdict(float)
         self._optimizer_step(batch, sums)
-        return _means(sums)
+        return self._means(sums)
+
+    def _means(self, sums: dict[str, float]) -> dict[str, float]:
+        """The stats' means over the micro-batches, and the learning rate of the last step."""
+        count = sums.pop("_count")
+        return {**{key: value / count for key, value in sums.items()}, f"lr/{self.role}": self.last_lr}
 
     def _optimizer_step(self, minibatch: Batch, sums: dict[str, float], **loss_kwargs) -> list[torch.Tensor]:
         """One optimizer step over this rank's share of a minibatch, in micro-batches; returns their
@@ -323,6 +336,7 @@ class TrainerWorker:
             for key, value in stats.items():
                 sums[key] += float(value)
             sums["_count"] += 1
+        self.last_lr = self.engine.get_lr()[0]
         self.engine.step()
         return [rows for rows, _ in micro_batches]
 
@@ -426,13 +440,23 @@ class TrainerWorker:
         self.ipc_buffer = None
 
     def save_checkpoint(self, path: str) -> None:
-        """Weights and optimizer state (DeepSpeed's format; every rank writes its shards)."""
+        """Weights, optimizer and learning-rate schedule (DeepSpeed's format; every rank writes its
+        shards), and this rank's random number generators (dropout draws from them)."""
         self.engine.save_checkpoint(path, tag="deepspeed")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(rng, os.path.join(path, f"rng_rank{self.rank}.pt"))
 
     def load_checkpoint(self, path: str) -> None:
         loaded, _ = self.engine.load_checkpoint(path, tag="deepspeed")
         if loaded is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {path}")
+        rng = torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def save(self, path: str) -> None:
         """HF-format checkpoint of the plain model (LoRA merged, full weights gathered from ZeRO-3
@@ -453,6 +477,15 @@ def _row_tokens(batch: Batch) -> torch.Tensor:
     return (batch["segment_ids"] > 0).sum(1)
 
 
-def _means(sums: dict[str, float]) -> dict[str, float]:
-    count = sums.pop("_count")
-    return {key: value / count for key, value in sums.items()}
+def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning rate of optimizer step `step` (1-based, of `total`) as a fraction of the
+    configured one: i / (warmup + 1) for the warm-up steps i, then constant, or from 1 at the first
+    step after warm-up down to `min_ratio` at the last, linearly or along a half cosine."""
+    if step <= warmup:
+        return step / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup - 1) / max(1, total - warmup - 1))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from rayrlhf import algorithms as alg
@@ -243,3 +244,14 @@ def test_shape_scores_penalty_then_normalise_then_clip():
     assert torch.allclose(normalised, torch.tensor([-s, s, 0.0]), atol=1e-4)
     clipped = alg.shape_scores(scores, truncated, valid, -1.0, normalize=True, clip=0.5)
     assert torch.allclose(clipped, torch.tensor([-0.5, 0.5, 0.0]))
+
+
+def test_learning_rate_schedules():
+    from rayrlhf.trainer import lr_factor
+
+    # Warm-up of 3 steps rises in quarters; then 1 at step 4, down to the floor at step 8.
+    assert [lr_factor(i, "linear", 3, 8, 0.2) for i in range(1, 9)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 0.8, 0.6, 0.4, 0.2])
+    assert [lr_factor(i, "cosine", 0, 3, 0.0) for i in (1, 2, 3)] == pytest.approx([1.0, 0.5, 0.0])
+    assert [lr_factor(i, "constant", 1, 5, 0.0) for i in (1, 2, 5)] == [0.5, 1.0, 1.0]
+    assert lr_factor(12, "linear", 0, 8, 0.1) == pytest.approx(0.1)  # past the end: the floor

@@ -60,24 +60,69 @@ def tiny_run_args(tmp_path, policy, out):
             "critic.micro_batch_size=16", "trainer.checkpoint_every=2"]
 
 
+class Crash(Exception):
+    """Ends a run between a checkpoint and the next one, as a lost node would."""
+
+
 @pytest.mark.integration
 def test_resumed_run_matches_the_uninterrupted_one(tmp_path, ray_cluster, tiny_policy):
-    def run(out, steps, *extra):
-        return train(load_config("conf/tiny_ppo.yaml",
-                                 tiny_run_args(tmp_path, tiny_policy, out) + [f"trainer.total_steps={steps}",
-                                                                              *extra]))
+    """Asynchronous rollouts (two batches in flight at the checkpoint: they are kept in it), LoRA
+    dropout (the ranks' RNG states are kept) and a cosine schedule with warm-up (kept by DeepSpeed):
+    the resumed steps are the uninterrupted run's."""
+    extra = ["trainer.total_steps=4", "trainer.async_rollout=true", "trainer.max_staleness=2",
+             "algorithm.tis_cap=2.0", "actor.lora.rank=4", "actor.lora.dropout=0.1", "actor.lr=1e-2",
+             "actor.lr_schedule=cosine", "actor.warmup_steps=1", "critic.lr_schedule=linear"]
 
-    whole = run(tmp_path / "whole", 4)
-    first = run(tmp_path / "split", 2)
-    rest = run(tmp_path / "split", 4, "resume=true")
-    assert [m["step"] for m in first + rest] == [1, 2, 3, 4]
+    def run(out, *more, after_step=None):
+        args = tiny_run_args(tmp_path, tiny_policy, out) + extra + list(more)
+        return train(load_config("conf/tiny_ppo.yaml", args), after_step)
+
+    whole = run(tmp_path / "whole")
+
+    def crash_after_the_checkpoint(metrics):
+        if metrics["step"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(tmp_path / "split", after_step=crash_after_the_checkpoint)
+    with pytest.raises(RayRLHFError, match=r"actor.num_ranks: 1 there, 2 now.*actor.lora: .* now"):
+        run(tmp_path / "split", "resume=true", "actor.num_ranks=2", "actor.micro_batch_size=8",
+            "actor.lora.rank=8")
+    rest = run(tmp_path / "split", "resume=true")
+    assert [m["step"] for m in rest] == [3, 4]
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert [m["rollout/staleness"] for m in whole] == [0, 1, 2, 2]
     for resumed, uninterrupted in zip(rest, whole[2:], strict=True):
-        for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "response/length_mean"):
+        for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "response/length_mean",
+                    "lr/actor", "lr/critic", "rollout/staleness"):
             assert math.isclose(resumed[key], uninterrupted[key], rel_tol=1e-4, abs_tol=1e-6), key
     # keep_checkpoints=2: steps 2 and 4 remain
     assert [p.name for p in complete_checkpoints(tmp_path / "split")] == ["step_000002", "step_000004"]
+
+
+@pytest.mark.integration
+def test_an_sft_stage_resumes_where_it_stopped(tmp_path, ray_cluster, tiny_policy):
+    """LoRA dropout draws from each rank's RNG; the data order, the optimizer and the warm-up
+    (which spans the stop) continue: the resumed steps are the uninterrupted run's."""
+    from rayrlhf.supervised import train_supervised
+
+    def run(out, *more):
+        return train_supervised("sft", load_config("conf/tiny_pipeline.yaml", [
+            f"model.path={tiny_policy}", "model.build_tiny=false", f"output_dir={out}", "sft.max_steps=4",
+            "sft.checkpoint_every=2", "sft.lora.rank=4", "sft.lora.dropout=0.2", "sft.warmup_steps=3",
+            "sft.eval_every=0", *more], stage="sft"))
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "split", "sft.max_steps=2")  # stops at 2 of 4 (max_steps is not a resume key)
+    resumed = run(tmp_path / "split", "resume=true")
+    rows = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("whole", "split")]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    for got, expected in zip(rows[1][2:], rows[0][2:], strict=True):
+        for key in ("loss/sft", "lr/sft"):
+            assert math.isclose(got[key], expected[key], rel_tol=1e-4), key
+    assert math.isclose(resumed["eval/loss"], whole["eval/loss"], rel_tol=1e-4)
 
 
 @pytest.mark.integration
