@@ -94,11 +94,18 @@ def wait(refs, what: str, timeout_s: float, on_ready=None):
 
 
 def role_memory(groups: list[RoleGroup], timeout_s: float) -> dict[str, float]:
-    """memory/<role>_rss_gib (and _cuda_peak_gib on GPU): the largest over the role's actors."""
+    """memory/<role>_rss_gib (and _cuda_peak_gib on GPU): the largest over the role's actors. An
+    actor that died since its last call is left out: the next call to it handles its loss."""
     refs = {g.name: [a.__ray_call__.remote(_actor_memory) for a in g.actors] for g in groups}
+    ray.wait([ref for group_refs in refs.values() for ref in group_refs],
+             num_returns=sum(map(len, refs.values())), timeout=timeout_s)
     out: dict[str, float] = {}
     for name, group_refs in refs.items():
-        for stats in wait(group_refs, "memory report", timeout_s):
+        for ref in group_refs:
+            try:
+                stats = ray.get(ref, timeout=0)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue
             for key, value in stats.items():
                 out[f"memory/{name}_{key}"] = max(out.get(f"memory/{name}_{key}", 0.0), value)
     return out
@@ -360,8 +367,12 @@ class RLHFSystem:
                        min(pending.versions))
 
     def generations_in_progress(self) -> int:
-        """Generations sent to the engines that they have not finished yet."""
-        return sum(len(ray.wait(p.refs, num_returns=len(p.refs), timeout=0)[1]) > 0 for p in self.in_flight)
+        """Generations sent to the engines that they have not finished yet (or lost with an engine)."""
+        def unfinished(pending: PendingGeneration) -> bool:
+            sent = [ref for ref in pending.refs if ref is not None]
+            return len(sent) < len(pending.refs) or bool(ray.wait(sent, num_returns=len(sent), timeout=0)[1])
+
+        return sum(map(unfinished, self.in_flight))
 
     # Feedback
 
@@ -453,7 +464,8 @@ class RLHFSystem:
     def release_engines(self) -> None:
         """With rollout.sleep, the engines free their GPU memory until the next weight sync."""
         if self.cfg.rollout.sleep:
-            self._wait_roles({"rollout_sleep": self.rollout.call("sleep")}, "engine sleep")
+            self._with_engines(lambda: self._wait_roles({"rollout_sleep": self.rollout.call("sleep")},
+                                                        "engine sleep"))
 
     def _with_engines(self, call):
         """call(), which uses the engines. An engine that died (killed, out of memory) is started

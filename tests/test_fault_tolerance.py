@@ -1,6 +1,7 @@
 """Actors that die mid-run: an engine is restarted and the run goes on; a trainer rank stops the
 run promptly, naming the checkpoint to resume from. The processes are really killed (SIGKILL)."""
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -22,36 +23,73 @@ def steps_logged(output_dir: Path) -> int:
 
 class Killer(threading.Thread):
     """Once `after_steps` iterations are logged, SIGKILLs the first process whose title (Ray sets
-    it to ray::<Class>.<method> while a call runs) is `title`, i.e. one busy in that call."""
+    it to ray::<Class>.<method> while a call runs, ray::<Class> while idle) is `title`, i.e. one busy
+    in that call, or idle; with `during`, only while a process titled `during` runs."""
 
-    def __init__(self, output_dir: Path, after_steps: int, title: str):
+    def __init__(self, output_dir: Path, after_steps: int, title: str, during: str | None = None):
         super().__init__(daemon=True)
-        self.output_dir, self.after_steps, self.title = output_dir, after_steps, title
+        self.output_dir, self.after_steps, self.title, self.during = output_dir, after_steps, title, during
         self.killed_at = None
 
     def run(self):
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and self.killed_at is None:
             if steps_logged(self.output_dir) >= self.after_steps:
-                for proc in psutil.process_iter(["cmdline"]):
-                    if " ".join(proc.info["cmdline"] or []).strip() == self.title:
-                        proc.kill()
+                titles = {proc: " ".join(proc.info["cmdline"] or []).strip()
+                          for proc in psutil.process_iter(["cmdline"])}
+                if self.during is None or self.during in titles.values():
+                    victim = next((proc for proc, title in titles.items() if title == self.title), None)
+                    if victim is not None:
+                        victim.kill()
                         self.killed_at = time.monotonic()
-                        break
             time.sleep(0.002)
 
 
-def test_a_killed_engine_is_restarted_with_the_current_weights(tmp_path, ray_cluster, tiny_policy, capfd):
-    cfg = small_config(tmp_path, tiny_policy, "rollout.num_engines=2", "trainer.total_steps=5")
+def test_an_engine_dead_at_a_collective_sync_is_restarted_without_hanging(tmp_path, ray_cluster, tiny_policy,
+                                                                            capfd):
+    """The gloo broadcast to a dead engine only ends at the group's timeout: trainer rank 0 must not
+    wait in it (it broadcasts from a thread of its own), nor the other ZeRO-3 rank in the next
+    gather, nor the live engine, stuck in the same broadcast (it is restarted too)."""
+    cfg = small_config(tmp_path, tiny_policy, "rollout.num_engines=2", "trainer.total_steps=4",
+                       "weight_sync.transport=collective", "actor.num_ranks=2", "actor.zero_stage=3",
+                       "weight_sync.timeout_s=120", "ray.call_timeout_s=120")
+    # An idle engine is killed while the actor trains: the sync right after meets it dead.
+    killer = Killer(Path(cfg.output_dir), 1, "ray::RolloutWorker", during="ray::TrainerWorker.train")
+    killer.start()
+    start = time.monotonic()
+    history = train(cfg)
+    killer.join(timeout=1)
+    assert killer.killed_at is not None, "no idle engine was caught while the actor trained"
+    assert [m["step"] for m in history] == [1, 2, 3, 4]
+    assert "rollout engine(s) [" in capfd.readouterr().out
+    assert time.monotonic() - start < 110  # no timeout was waited out
+    # The steps after the restart sampled with the trained weights on both engines.
+    assert all(m["sync/logprob_gap_mean"] < 1e-3 for m in history[2:]), history
+    assert wait_for_resources_released(ray_cluster)
+
+
+def test_asynchronous_engines_run_ahead_and_a_killed_one_loses_no_batch(tmp_path, ray_cluster, tiny_policy,
+                                                                        capfd):
+    """Two batches ahead: the sync after a step does not wait for the generations queued before it
+    (the engines are still generating when it returns), and an engine killed with several
+    generations queued is restarted and every one of them is sent again."""
+    cfg = small_config(tmp_path, tiny_policy, "rollout.num_engines=2", "trainer.total_steps=6",
+                       "trainer.async_rollout=true", "trainer.max_staleness=2", "algorithm.tis_cap=2.0",
+                       "algorithm.estimator=rloo", "rollout.n=4", "algorithm.kl_coef=0",
+                       "algorithm.ppo_epochs=1", "algorithm.train_batch_size=64", "actor.micro_batch_size=64",
+                       "rollout.max_new_tokens=48", "data.max_prompt_tokens=16")
     killer = Killer(Path(cfg.output_dir), 2, "ray::RolloutWorker.generate")
     killer.start()
     history = train(cfg)
     killer.join(timeout=1)
     assert killer.killed_at is not None, "the engine was never caught generating"
-    assert [m["step"] for m in history] == [1, 2, 3, 4, 5]
+    assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6]
     assert "rollout engine(s) [" in capfd.readouterr().out
-    # Every step after the restart sampled with the trained weights on both engines.
-    assert all(m["sync/logprob_gap_mean"] < 1e-3 for m in history[2:]), history
+    assert all(m["rollout/staleness"] <= 2 for m in history)
+    # Generation is the slow stage here: with no drain at the syncs, the engines are still busy
+    # generating when a sync returns (steps 1 and 2 come before the kill).
+    assert all(m["rollout/generating_at_sync"] > 0 for m in history[:2]), history
+    assert all(math.isfinite(m["loss/policy"]) for m in history)
     assert wait_for_resources_released(ray_cluster)
 
 
