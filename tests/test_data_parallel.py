@@ -1,5 +1,6 @@
 """Data-parallel DeepSpeed ranks (real Ray actors, gloo): a minibatch's loss and gradient do not
-depend on how many ranks share it, and every rank runs the same collectives in evaluation."""
+depend on how many ranks share it or how it is cut into micro-batches, and every rank runs the
+same collectives in evaluation."""
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -8,14 +9,13 @@ import pytest
 import ray
 import torch
 
-from rayrlhf.algorithms import response_mask, sft_nll
+from rayrlhf.algorithms import Sampling, policy_loss, response_mask, sft_nll, value_loss
 from rayrlhf.batch import build_batch
 from rayrlhf.config import load_config
 from rayrlhf.data import sft_batch
-from rayrlhf.modeling import load_causal_lm, sft_logits
+from rayrlhf.modeling import load_causal_lm, load_scalar_model, policy_logprobs, sft_logits, token_values
 from rayrlhf.supervised import held_out_metrics
 from rayrlhf.system import trainer_group, wait
-from rayrlhf.trainer import TrainerWorker, free_port
 
 pytestmark = pytest.mark.integration
 # The functions below run inside the trainer actors (actor.__ray_call__), which cannot import tests.
@@ -63,51 +63,64 @@ def setup_kwargs(role, cfg):
 
 @pytest.fixture(scope="module")
 def trainers(ray_cluster, tiny_policy):
-    """role -> (a one-rank trainer in this process, two ZeRO-3 ranks as Ray actors), all started at once."""
+    """(config, role -> two ZeRO-3 ranks as Ray actors, in micro-batches of one row), set up at once."""
     cfg = load_config("conf/tiny_ppo.yaml", [
         f"model.path={tiny_policy}", "trainer.prompts_per_step=4", "algorithm.train_batch_size=4",
         "algorithm.ppo_epochs=1", "rollout.max_new_tokens=6", "actor.micro_batch_size=1",
         "critic.micro_batch_size=1"])
     roles = ("actor", "critic", "sft")
 
-    def role_cfg(role, ranks, stage):
-        out = cfg[role].copy()
-        out.num_ranks, out.zero_stage, out.micro_batch_size = ranks, stage, 1
-        return out
+    def start(role):
+        role_cfg = cfg[role].copy()
+        role_cfg.num_ranks, role_cfg.zero_stage, role_cfg.micro_batch_size = 2, 3, 1
+        return trainer_group(role, role_cfg, tiny_policy, 4, cfg, **setup_kwargs(role, cfg))
 
     with ThreadPoolExecutor(len(roles)) as pool:
-        two = pool.map(lambda role: trainer_group(role, role_cfg(role, 2, 3), tiny_policy, 4, cfg,
-                                                  **setup_kwargs(role, cfg)), roles)
-        one = {}
-        for role in roles:
-            one[role] = TrainerWorker(role, 0, 1)
-            one[role].setup("127.0.0.1", free_port("127.0.0.1"), tiny_policy, role_cfg(role, 1, 0), 4,
-                            cfg.model, cfg.seed, **setup_kwargs(role, cfg))
-        started = {role: (one[role], group) for role, group in zip(roles, two, strict=True)}
-    yield started
-    for _, group in started.values():
+        groups = dict(zip(roles, pool.map(start, roles), strict=True))
+    yield cfg, groups
+    for group in groups.values():
         group.shutdown()
 
 
+def minibatch_gradients(role, batch, cfg, model_path):
+    """The reference: the gradient of the whole minibatch's loss, in one piece, without DeepSpeed
+    (the models start as the trainers' do: the seed, then the checkpoint, then a new head)."""
+    torch.manual_seed(cfg.seed)
+    model = (load_causal_lm if role in ("actor", "sft") else load_scalar_model)(model_path, "float32")
+    if role == "sft":
+        nll = sft_nll(sft_logits(model, batch), batch["sequences"], batch["loss_mask"]).sum()
+        loss = nll / batch["loss_mask"][:, 1:].sum()
+    elif role == "actor":
+        logprobs = policy_logprobs(model, batch, Sampling.of(cfg.rollout))
+        loss, _ = policy_loss(logprobs, logprobs.detach(), batch["advantages"], batch["mask"],
+                              cfg.algorithm.clip_eps)
+    else:
+        loss, _ = value_loss(token_values(model, batch), batch["old_values"], batch["returns"], batch["mask"],
+                             cfg.algorithm.value_clip_eps)
+    loss.backward()
+    return {name: param.grad for name, param in model.named_parameters()}
+
+
 @pytest.mark.parametrize("role", ["actor", "critic", "sft"])
-def test_a_minibatch_has_the_same_gradient_on_one_rank_as_on_two(trainers, role):
-    """Token-mean losses (actor, critic, SFT): each token weighs the same whichever rank holds it."""
+def test_a_minibatch_has_the_same_gradient_on_two_ranks_as_in_one_piece(trainers, tiny_policy, role):
+    """Token-mean losses (actor, critic, SFT): each token weighs the same whichever rank holds it,
+    in micro-batches of one row, under ZeRO-3 (whose micro-batch gradients must add up)."""
+    cfg, groups = trainers
     batch = supervised_batch() if role == "sft" else ppo_batch()
     method = "train_step" if role == "sft" else "train"
     extra = () if role == "sft" else (0, 0.0)  # seed, kl_coef
-    one_rank, two_ranks = trainers[role]
-    one = capture_gradients(one_rank, method, batch, *extra)
+    expected = minibatch_gradients(role, batch, cfg, tiny_policy)
     two = wait([actor.__ray_call__.remote(capture_gradients, method, part, *extra)
-                for actor, part in zip(two_ranks.actors, batch.chunks(2), strict=True)], method, 300)[0]
-    assert one.keys() == two.keys() and any(g.abs().sum() > 0 for g in one.values())
-    for name, grad in one.items():
+                for actor, part in zip(groups[role].actors, batch.chunks(2), strict=True)], method, 300)[0]
+    assert expected.keys() == two.keys() and any(g.abs().sum() > 0 for g in expected.values())
+    for name, grad in expected.items():
         torch.testing.assert_close(two[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_zero3_evaluation_with_shares_a_micro_batch_apart(trainers, tiny_policy):
     """33 held-out rows over two ZeRO-3 ranks in micro-batches of 16: 17 and 16 rows, so two forwards
     on one rank and one on the other; each forward gathers the weights from both ranks."""
-    _, group = trainers["sft"]
+    group = trainers[1]["sft"]
     wait(group.call("__ray_call__", set_micro_batch_size, 16), "micro-batch size", 60)
     examples = [[([5 + i % 7, 6], [7 + i % 11, 8, 2][: 1 + i % 3])] for i in range(33)]
     batch = sft_batch(examples, pad_id=0)
