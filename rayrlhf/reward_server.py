@@ -1,7 +1,10 @@
 """A reward model behind HTTP, and the client a run uses to score responses with it.
 
-Standard library only (http.server, urllib): the server holds one model, so the threaded server
-serialises model calls with a lock; the client retries what may pass (timeouts, dropped
+The server is a FastAPI app under uvicorn, so that routing, the request's schema (a strict pydantic
+model) and an HTTP/1.1 server with keep-alive and a graceful shutdown (requests in flight finish on
+SIGTERM or stop()) are maintained code rather than ours. The event loop takes requests concurrently;
+each model call runs in a worker thread under one lock, as the server holds one model. The client
+stays on urllib: one POST per call needs no dependency. It retries what may pass (timeouts, dropped
 connections, 5xx) and fails fast on what will not (4xx).
 """
 
@@ -9,15 +12,20 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from http import HTTPStatus
 from http.client import HTTPException
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from threading import Lock
 
 import torch
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayrlhf.data import reward_model_batch
 from rayrlhf.errors import RewardError
@@ -26,24 +34,15 @@ from rayrlhf.modeling import default_device, infer_in_micro_batches, load_scalar
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a request far beyond any sane batch is refused before it is read
 
 
-class _BadRequest(Exception):
-    """A client mistake; its message goes back in the 400 reply."""
+class RewardModel:
+    """The model, its tokenizer and the lock that serialises the requests' model calls."""
 
-
-class RewardServer(ThreadingHTTPServer):
-    """Holds the model, tokenizer and lock that the request handlers share."""
-
-    daemon_threads = True  # a stuck request must not keep the process (or a test) alive
-
-    def __init__(self, address: tuple[str, int], model, tokenizer, token: str, micro_batch_size: int,
-                 device: torch.device):
-        super().__init__(address, _Handler)
+    def __init__(self, model, tokenizer, micro_batch_size: int, device: torch.device):
         self.model = model
         self.tokenizer = tokenizer
-        self.token = token
         self.micro_batch_size = micro_batch_size
         self.device = device
-        self.lock = Lock()
+        self.lock = threading.Lock()
 
     def score(self, prompts: list[str], responses: list[str], chat_template: bool = False) -> list[float]:
         """The reward at each response's last token, of the texts tokenised as an in-process reward
@@ -58,117 +57,155 @@ class RewardServer(ThreadingHTTPServer):
         return scores.tolist()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: RewardServer
+class ScoreRequest(BaseModel):
+    """POST /score: prompts, responses, and chat_template (optional, false: wrap each prompt in the
+    tokenizer's chat template as a user turn, as the run's data.chat_template does)."""
 
-    def log_message(self, format: str, *args) -> None:
-        """Silenced: one stderr line per request drowns a training log."""
+    # Strict: 1 is not true nor 3 a string; a client sending them has a bug worth a 400.
+    model_config = ConfigDict(strict=True)
 
-    def _reply(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _authorised(self) -> bool:
-        if not self.server.token:
-            return True
-        given = self.headers.get("Authorization", "")
-        # Constant-time comparison, so the token cannot be guessed byte by byte from timings.
-        if hmac.compare_digest(given.encode(), f"Bearer {self.server.token}".encode()):
-            return True
-        self._reply(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
-        return False
-
-    def do_GET(self) -> None:
-        if not self._authorised():
-            return
-        if self.path.rstrip("/") == "/health":
-            self._reply(HTTPStatus.OK, {"status": "ok"})
-        else:
-            self._reply(HTTPStatus.NOT_FOUND, {"error": f"unknown path {self.path}"})
-
-    def do_POST(self) -> None:
-        try:
-            body = self._read_body()
-        except _BadRequest as err:
-            self._reply(HTTPStatus.BAD_REQUEST, {"error": str(err)})
-            return
-        if not self._authorised():
-            return
-        if self.path.rstrip("/") != "/score":
-            self._reply(HTTPStatus.NOT_FOUND, {"error": f"unknown path {self.path}"})
-            return
-        try:
-            prompts, responses, chat_template = _parse_score_request(body)
-        except _BadRequest as err:
-            self._reply(HTTPStatus.BAD_REQUEST, {"error": str(err)})
-            return
-        try:
-            scores = self.server.score(prompts, responses, chat_template)
-        except Exception as err:  # noqa: BLE001 - any model failure becomes a 500 the client can retry
-            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"scoring failed: {err!r}"})
-            return
-        self._reply(HTTPStatus.OK, {"scores": scores})
-
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise _BadRequest("a Content-Length header is required")
-        if int(length) > MAX_BODY_BYTES:
-            raise _BadRequest(f"body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit")
-        return self.rfile.read(int(length))
+    prompts: list[str]
+    responses: list[str]
+    chat_template: bool = False
 
 
-def _parse_score_request(body: bytes) -> tuple[list[str], list[str], bool]:
-    """prompts, responses, and chat_template (optional, false: wrap each prompt in the tokenizer's
-    chat template as a user turn, as the run's data.chat_template does)."""
+def _reply(status: int, payload: dict, headers: dict[str, str] | None = None) -> Response:
+    # json.dumps, not JSONResponse (which refuses NaN): a model's NaN score must reach the run, which
+    # reports the sample as unusable, rather than become a 500 retried to the end.
+    return Response(json.dumps(payload), status, headers, media_type="application/json")
+
+
+def _parse_score_request(body: bytes) -> ScoreRequest:
+    """The request, or a 400 whose message names what is wrong (pydantic's first error)."""
     try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _BadRequest(f"body is not valid JSON: {err}") from None
-    if not isinstance(request, dict):
-        raise _BadRequest("body must be a JSON object with 'prompts' and 'responses'")
-    for key in ("prompts", "responses"):
-        if key not in request:
-            raise _BadRequest(f"missing field '{key}'")
-        value = request[key]
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            raise _BadRequest(f"'{key}' must be a list of strings")
-    prompts, responses = request["prompts"], request["responses"]
-    if len(prompts) != len(responses):
-        raise _BadRequest(f"'prompts' has {len(prompts)} items but 'responses' has {len(responses)}")
-    chat_template = request.get("chat_template", False)
-    if not isinstance(chat_template, bool):
-        raise _BadRequest("'chat_template' must be true or false")
-    return prompts, responses, chat_template
+        request = ScoreRequest.model_validate_json(body)
+    except ValidationError as err:
+        error = err.errors()[0]
+        field = error["loc"][0] if error["loc"] else None
+        if error["type"] == "json_invalid":
+            message = f"body is not valid JSON: {error['ctx']['error']}"
+        elif field is None:
+            message = "body must be a JSON object with 'prompts' and 'responses'"
+        elif error["type"] == "missing":
+            message = f"missing field '{field}'"
+        elif field == "chat_template":
+            message = "'chat_template' must be true or false"
+        else:
+            message = f"'{field}' must be a list of strings"
+        raise StarletteHTTPException(HTTPStatus.BAD_REQUEST, message) from None
+    if len(request.prompts) != len(request.responses):
+        raise StarletteHTTPException(HTTPStatus.BAD_REQUEST, f"'prompts' has {len(request.prompts)} items "
+                                                             f"but 'responses' has {len(request.responses)}")
+    return request
+
+
+def build_app(model: RewardModel, token: str = "") -> FastAPI:
+    """GET /health and POST /score, behind a bearer token when one is given; errors are {"error": ...}."""
+    # No /docs, /redoc nor /openapi.json: the server answers on its two endpoints only.
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def refuse_early(request: Request, call_next) -> Response:
+        """Refusals that need neither the body nor a route: too big a body, then a wrong token."""
+        if request.method == "POST":
+            length = request.headers.get("content-length", "")
+            if not length.isdigit():
+                return _reply(HTTPStatus.BAD_REQUEST, {"error": "a Content-Length header is required"})
+            if int(length) > MAX_BODY_BYTES:
+                return _reply(HTTPStatus.BAD_REQUEST,
+                              {"error": f"body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit"})
+        # Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+        if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            return _reply(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"},
+                          {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        not_found = err.status_code == HTTPStatus.NOT_FOUND
+        message = f"unknown path {request.url.path}" if not_found else err.detail
+        return _reply(err.status_code, {"error": message}, err.headers)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _reply(HTTPStatus.OK, {"status": "ok"})
+
+    @app.post("/score")
+    async def score(request: Request) -> Response:
+        # The body is read and validated here rather than declared as a parameter: FastAPI would want
+        # a JSON Content-Type, which the server has never required.
+        parsed = _parse_score_request(await request.body())
+        try:
+            # In a worker thread, so the event loop keeps taking requests while the model runs.
+            scores = await run_in_threadpool(model.score, parsed.prompts, parsed.responses,
+                                             parsed.chat_template)
+        except Exception as err:  # noqa: BLE001 - any model failure becomes a 500 the client can retry
+            return _reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"scoring failed: {err!r}"})
+        return _reply(HTTPStatus.OK, {"scores": scores})
+
+    return app
+
+
+class RewardServer:
+    """An app under uvicorn, on a socket bound (and listening) at construction: the port is known
+    before serving (port 0 picks a free one), a taken one fails here, and a request sent before
+    uvicorn is up waits in the backlog."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        self.socket = socket.create_server((host, port))
+        self.host, self.port = self.socket.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        # Quiet, as a training log needs: no line per request nor banner; errors still reach stderr.
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, lifespan="off", access_log=False,
+                                                      log_level="warning"))
+        self._thread: threading.Thread | None = None
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until stop() or, in the main thread, SIGINT or SIGTERM (which uvicorn
+        handles, then raises again once shut down)."""
+        self._uvicorn.run(sockets=[self.socket])
+
+    def start(self) -> RewardServer:
+        """Serve in a daemon thread."""
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="reward-server")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Let the requests in flight finish, then close the socket and wait for the serving thread."""
+        self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+        self.socket.close()
+
+    def __enter__(self) -> RewardServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 def make_server(model_path: str, host: str = "127.0.0.1", port: int = 0, token: str = "",
                 dtype: str = "float32", micro_batch_size: int = 32) -> RewardServer:
-    """Load the model once and bind; the caller runs serve_forever (port 0 picks a free port)."""
+    """Load the model once and bind; the caller serves (serve_forever, or start and stop)."""
     from transformers import AutoTokenizer
 
     device = default_device()
     model = load_scalar_model(model_path, dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return RewardServer((host, port), model, tokenizer, token, micro_batch_size, device)
+    return RewardServer(build_app(RewardModel(model, tokenizer, micro_batch_size, device), token), host, port)
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 0, token: str = "",
           dtype: str = "float32", micro_batch_size: int = 32) -> None:
     """Serve until interrupted."""
     server = make_server(model_path, host, port, token, dtype, micro_batch_size)
-    bound_host, bound_port = server.server_address[:2]
-    print(f"reward server listening on http://{bound_host}:{bound_port}", flush=True)
+    print(f"reward server listening on {server.url}", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, which uvicorn raises again once it has shut down
         pass
-    finally:
-        server.server_close()
 
 
 class RemoteRewardClient:

@@ -1,7 +1,6 @@
 """Critic-free estimators, KL options, reward sources and decoding, on the real actors."""
 
 import math
-import threading
 
 import pytest
 import torch
@@ -114,16 +113,9 @@ def test_bad_rewards_stop_the_run_or_are_skipped(tmp_path, ray_cluster, tiny_pol
 def test_remote_reward_model_over_loopback(tmp_path, ray_cluster, tiny_policy, tiny_reward_model, task):
     from rayrlhf.reward_server import make_server
 
-    server = make_server(tiny_reward_model, token="s3cret")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with make_server(tiny_reward_model, token="s3cret") as server:
         history = run(tmp_path, tiny_policy, "reward.function=", "rollout.n=2", f"data.path={task[0]}",
-                      f'reward.remote=[{{url: "{url}", token: s3cret}}]', "reward.remote_timeout_s=10")
-    finally:
-        server.shutdown()
-        server.server_close()
+                      f'reward.remote=[{{url: "{server.url}", token: s3cret}}]', "reward.remote_timeout_s=10")
     assert history[0]["reward/std"] > 0  # a model's continuous scores, not a rule's
     assert finite(history, "loss/policy", "loss/value")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import threading
 import time
 import urllib.error
@@ -18,7 +20,7 @@ from transformers import AutoTokenizer
 from rayrlhf.batch import build_batch
 from rayrlhf.errors import RewardError
 from rayrlhf.modeling import load_scalar_model, sequence_scores
-from rayrlhf.reward_server import RemoteRewardClient, make_server
+from rayrlhf.reward_server import MAX_BODY_BYTES, RemoteRewardClient, RewardServer, build_app, make_server
 
 PROMPTS = ["what is 2+2?", "name a colour.", "say hi"]
 RESPONSES = ["4", "blue, or maybe green", "hi there!"]
@@ -43,7 +45,7 @@ def in_process_scores(path: str, prompts: list[str], responses: list[str]) -> li
 
 @contextmanager
 def running(server: ThreadingHTTPServer) -> Iterator[str]:
-    """Serve in a daemon thread; yield the base URL; shut down however the test ends."""
+    """Serve a fake server in a daemon thread; yield the base URL; shut down however the test ends."""
     # A short poll interval: shutdown() waits up to one interval for the loop to notice.
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -85,25 +87,25 @@ def send_json(handler: BaseHTTPRequestHandler, status: int, payload: dict) -> No
 
 
 def test_scores_match_in_process(reward_path):
-    with running(make_server(reward_path)) as url:
-        scores = RemoteRewardClient(url).score(PROMPTS, RESPONSES)
+    with make_server(reward_path) as server:
+        scores = RemoteRewardClient(server.url).score(PROMPTS, RESPONSES)
     assert scores == pytest.approx(in_process_scores(reward_path, PROMPTS, RESPONSES), abs=1e-5)
 
 
 def test_batch_longer_than_micro_batch(reward_path):
     prompts, responses = PROMPTS * 3, [r + "!" * i for i, r in enumerate(RESPONSES * 3)]
-    with running(make_server(reward_path, micro_batch_size=2)) as url:
-        scores = RemoteRewardClient(url + "/").score(prompts, responses)
+    with make_server(reward_path, micro_batch_size=2) as server:
+        scores = RemoteRewardClient(server.url + "/").score(prompts, responses)
     assert len(scores) == 9
     assert scores == pytest.approx(in_process_scores(reward_path, prompts, responses), abs=1e-5)
 
 
 def test_concurrent_requests(reward_path):
-    """The threaded server takes the requests at once; the lock keeps the model calls apart."""
+    """The server takes the requests at once; the lock keeps the model calls apart."""
     expected = in_process_scores(reward_path, PROMPTS, RESPONSES)
     results: list[list[float]] = []
-    with running(make_server(reward_path)) as url:
-        client = RemoteRewardClient(url)
+    with make_server(reward_path) as server:
+        client = RemoteRewardClient(server.url)
         threads = [threading.Thread(target=lambda: results.append(client.score(PROMPTS, RESPONSES)))
                    for _ in range(6)]
         for thread in threads:
@@ -116,7 +118,8 @@ def test_concurrent_requests(reward_path):
 
 
 def test_health_404_and_malformed_json(reward_path):
-    with running(make_server(reward_path)) as url:
+    with make_server(reward_path) as server:
+        url = server.url
         with urllib.request.urlopen(url + "/health", timeout=5) as reply:
             assert json.loads(reply.read()) == {"status": "ok"}
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -134,7 +137,8 @@ def test_health_404_and_malformed_json(reward_path):
 
 
 def test_token(reward_path):
-    with running(make_server(reward_path, token="s3cret")) as url:
+    with make_server(reward_path, token="s3cret") as server:
+        url = server.url
         assert len(RemoteRewardClient(url, token="s3cret").score(PROMPTS, RESPONSES)) == 3
         for token in ("", "wrong"):
             # A long backoff would show up in the elapsed time if a 401 were retried.
@@ -146,10 +150,62 @@ def test_token(reward_path):
 
 
 def test_mismatched_lengths_is_400(reward_path):
-    with running(make_server(reward_path)) as url:
+    with make_server(reward_path) as server:
         with pytest.raises(RewardError, match="400") as err:
-            RemoteRewardClient(url, backoff_s=5.0).score(PROMPTS, RESPONSES[:2])
+            RemoteRewardClient(server.url, backoff_s=5.0).score(PROMPTS, RESPONSES[:2])
     assert "3 items" in str(err.value) and "has 2" in str(err.value)
+
+
+class StubModel:
+    """Scores without a model, for what the server checks before and after the model call."""
+
+    def __init__(self, score: float):
+        self.value = score
+
+    def score(self, prompts: list[str], responses: list[str], chat_template: bool = False) -> list[float]:
+        return [self.value] * len(prompts)
+
+
+def raw_post(url: str, path: str, headers: dict[str, str], body=None) -> tuple[int, str]:
+    """Status and JSON 'error' of a request urllib would not send (a chunked body, a false length)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.putrequest("POST", path)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read())["error"]
+    finally:
+        conn.close()
+
+
+def test_refused_before_the_body_is_read():
+    """Too big a body (by its Content-Length) or none declared: 400 unread; then a wrong token: 401,
+    on any path; a bad field: 400 naming it."""
+    with RewardServer(build_app(StubModel(0.0), token="s3cret")) as server:
+        auth = {"Authorization": "Bearer s3cret"}
+        status, error = raw_post(server.url, "/score", {**auth, "Content-Length": str(MAX_BODY_BYTES + 1)})
+        assert status == 400 and f"{MAX_BODY_BYTES}-byte limit" in error
+        status, error = raw_post(server.url, "/score", {**auth, "Transfer-Encoding": "chunked"},
+                                 b"2\r\n{}\r\n0\r\n\r\n")
+        assert status == 400 and "Content-Length" in error
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server.url + "/nope", timeout=5)
+        assert err.value.code == 401
+        body = b'{"prompts": ["a"], "responses": ["b"], "chat_template": 1}'
+        status, error = raw_post(server.url, "/score", {**auth, "Content-Length": str(len(body))}, body)
+        assert status == 400 and error == "'chat_template' must be true or false"
+        status, _ = raw_post(server.url, "/nope", {**auth, "Content-Length": "2"}, b"{}")
+        assert status == 404
+
+
+def test_nan_score_reaches_the_client():
+    """A model's NaN is the run's to report as unusable, not a server error retried to the end."""
+    with RewardServer(build_app(StubModel(math.nan))) as server:
+        scores = RemoteRewardClient(server.url, retries=0).score(["a"], ["b"])
+    assert math.isnan(scores[0])
 
 
 def test_timeout_gives_up_after_retries():

@@ -11,8 +11,8 @@ from rayrlhf.config import load_config
 from rayrlhf.driver import apply_rewards
 from rayrlhf.errors import RewardError
 from rayrlhf.modeling import load_scalar_model, sequence_scores
+from rayrlhf.rollout_service import Rollout
 from rayrlhf.scorers import RewardWorker
-from rayrlhf.system import Rollout
 from rayrlhf.tiny import build_tokenizer
 
 USER_REWARDS = '''
@@ -96,8 +96,6 @@ def test_a_reward_model_of_another_tokenizer_scores_its_own_tokens_as_the_server
     sentencepiece vocabulary): it must score the texts in its own tokens (the policy's ids mean
     nothing to it), the prompt in its chat template if the run uses one, and a remote server on
     the same model must give the same scores."""
-    import threading
-
     from rayrlhf.data import reward_model_batch
     from rayrlhf.modeling import load_tokenizer
     from rayrlhf.reward_server import RemoteRewardClient, make_server
@@ -119,15 +117,8 @@ def test_a_reward_model_of_another_tokenizer_scores_its_own_tokens_as_the_server
     with torch.no_grad():
         expected = sequence_scores(load_scalar_model(rm, "float32").eval(), own)
     assert torch.allclose(out["scores"], expected, atol=1e-5)
-    server = make_server(rm)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        client = RemoteRewardClient(f"http://127.0.0.1:{server.server_address[1]}")
-        remote = client.score(PROMPTS, RESPONSES, chat_template)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with make_server(rm) as server:
+        remote = RemoteRewardClient(server.url).score(PROMPTS, RESPONSES, chat_template)
     assert torch.allclose(torch.tensor(remote), expected, atol=1e-5)
 
 
