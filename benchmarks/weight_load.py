@@ -3,7 +3,7 @@
 into the kept plain weights, then vLLM's own packing of each layer; `rayrlhf.weight_sync`),
 alternating round by round on the same weights, beside one memory copy of the same bytes.
 
-One real vLLM engine (`rayrlhf.rollout.RolloutWorker`, in this process, no Ray) of the config's
+One real vLLM engine (`rayrlhf.vllm_engine.VLLMEngine`, in this process, no Ray) of the config's
 model reads the weights from a shared-memory file written as trainer rank 0 writes it. Reports
 the median milliseconds of each load and of the copy, and each load's ratio to the copy.
 Interleaving matters here: a shared 2-core VM drifts by tens of percent within minutes.
@@ -26,16 +26,16 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
 
-    from rayrlhf import weight_sync
+    from rayrlhf import vllm_cpu, weight_sync
     from rayrlhf.config import load_config
     from rayrlhf.driver import prepare_models
     from rayrlhf.modeling import load_causal_lm
-    from rayrlhf.rollout import RolloutWorker
+    from rayrlhf.vllm_engine import VLLMEngine
 
     cfg = load_config(args.config, args.overrides)
     torch.set_num_threads(cfg.ray.threads_per_actor)
     prepare_models(cfg)
-    engine = RolloutWorker(cfg.model.path, cfg.model.tokenizer, cfg.rollout, cfg.model.dtype, cfg.seed,
+    engine = VLLMEngine(cfg.model.path, cfg.model.tokenizer, cfg.rollout, cfg.model.dtype, cfg.seed,
                            cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     policy = load_causal_lm(cfg.model.path, cfg.model.dtype)
     bucket_bytes = int(cfg.weight_sync.bucket_mb * 2**20)
@@ -43,7 +43,7 @@ def main() -> None:
     path, shared = weight_sync.create_shared_file(plan)
     engine.map_shared_weights(path, plan)
     os.unlink(path)
-    nbytes = weight_sync.send_buckets(policy, plan, is_sender=True, device=torch.device("cpu"), shared=shared)
+    nbytes = weight_sync.SharedMemorySender(shared).send(policy, plan)[0]
 
     def timed(load):
         def run(worker) -> float:
@@ -56,8 +56,8 @@ def main() -> None:
         worker.reload_weights(weights_iterator=weights)
 
     def in_place(worker, weights) -> None:
-        if not weight_sync.load_in_place(worker, weights):
-            sys.exit("weight_load.py: error: this engine cannot load in place (weight_sync.load_in_place)")
+        if not vllm_cpu.load_in_place(worker, weights):
+            sys.exit("weight_load.py: error: this engine cannot load in place (vllm_cpu.load_in_place)")
 
     loads = {"vllm_reload_weights": timed(vllm_reload), "in_place": timed(in_place)}
     src = torch.empty(nbytes // 4).normal_()

@@ -158,3 +158,41 @@ def pack_rows(batch: Batch, share_prompts: bool = False) -> PackedRows:
                 start += n
             segment_ids[row, start - sizes[segment]:start] = segment_id
     return PackedRows(input_ids, position_ids, segment_ids, sample_ids, rows, cols)
+
+
+def row_tokens(batch: Batch) -> torch.Tensor:
+    """Real tokens in each row (a preference pair's two sequences together)."""
+    if "attention_mask" in batch.tensors:
+        return batch["attention_mask"].flatten(1).sum(1)
+    return (batch["segment_ids"] > 0).sum(1)
+
+
+def row_micro_batches(batch: Batch, size: int) -> list[tuple[torch.Tensor, Batch]]:
+    """(row indices, rows) of each micro-batch of `size` consecutive rows."""
+    return [(torch.arange(i, min(i + size, len(batch))), batch.select(slice(i, i + size)))
+            for i in range(0, len(batch), size)]
+
+
+def token_micro_batches(batch: Batch, count: int, keep_groups: bool) -> list[tuple[torch.Tensor, Batch]]:
+    """(row indices, rows) of `count` micro-batches balanced by real tokens; with `keep_groups`,
+    each prompt group's rows stay together where there are enough groups to go round."""
+    units, unit_tokens = [[row] for row in range(len(batch))], row_tokens(batch).tolist()
+    if keep_groups:
+        groups = prompt_groups(batch)
+        if len(groups) >= count:
+            units, unit_tokens = groups, segment_sizes(batch, groups)
+    parts = balanced_groups(unit_tokens, count)
+    if len(parts) < count:
+        raise ValueError(f"{len(batch)} rows cannot fill {count} micro-batches")
+    return [(index, batch.select(index)) for index in
+            (torch.tensor([row for unit in part for row in units[unit]]) for part in parts)]
+
+
+def shuffled_rows(batch: Batch, generator: torch.Generator, keep_groups: bool) -> torch.Tensor:
+    """A random order of the rows; with `keep_groups`, of whole prompt groups, so that the
+    responses to one prompt stay together in a micro-batch and share its computation."""
+    if not keep_groups:
+        return torch.randperm(len(batch), generator=generator)
+    groups = prompt_groups(batch)
+    return torch.tensor([row for g in torch.randperm(len(groups), generator=generator).tolist()
+                         for row in groups[g]])

@@ -11,11 +11,13 @@ resume from it.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import threading
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -120,3 +122,19 @@ class GracefulStop:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def save_rng_states(path: str, rank: int, device) -> None:
+    """A trainer rank's random number generators (dropout draws from them), beside its shards."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    torch.save(rng, Path(path) / f"rng_rank{rank}.pt")
+
+
+def load_rng_states(path: str, rank: int, device) -> None:
+    rng = torch.load(Path(path) / f"rng_rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)

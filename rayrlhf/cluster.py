@@ -1,8 +1,10 @@
-"""Ray start-up and placement: each role is a group of actors on a placement group of its own."""
+"""Ray start-up, placement and calls: each role is a group of actors on a placement group of its
+own (or one it shares with colocated roles), and every call to them has a deadline."""
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +14,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayrlhf.errors import RayRLHFError
+from rayrlhf.metrics import process_memory
 
 PLACEMENT_TIMEOUT_S = 120
 
@@ -52,6 +55,39 @@ def reserve(name: str, bundles: list[dict[str, float]], strategy: str):
         raise RayRLHFError(f"cannot place {name}: it needs bundles {bundles} and the cluster has "
                            f"{ray.available_resources()} free") from None
     return placement
+
+
+class Colocation:
+    """The placement groups of colocated roles (`ray.colocate`): bundle i of a group's holds actor i
+    of each role in it, with their cpus and gpus added up. `sizes` gives (actors, cpus, gpus per
+    actor) of every role the run starts; a group with fewer than two of them shares nothing."""
+
+    def __init__(self, groups: list[list[str]], sizes: dict[str, tuple[int, float, float]], strategy: str):
+        self.placements: dict[str, object] = {}
+        self.reserved = []
+        try:
+            for members in groups:
+                present = [role for role in members if role in sizes]
+                if len(present) < 2:
+                    continue
+                count = max(sizes[role][0] for role in present)
+                bundles = [bundle(sum(sizes[role][1] for role in present if sizes[role][0] > i),
+                                  sum(sizes[role][2] for role in present if sizes[role][0] > i))
+                           for i in range(count)]
+                self.reserved.append(reserve(f"colocated roles {'+'.join(present)}", bundles, strategy))
+                self.placements |= dict.fromkeys(present, self.reserved[-1])
+        except BaseException:
+            self.release()
+            raise
+
+    def placement(self, role: str):
+        """The shared placement group of `role`, or None for a role with one of its own."""
+        return self.placements.get(role)
+
+    def release(self) -> None:
+        for placement in self.reserved:
+            remove_placement_group(placement)
+        self.reserved = []
 
 
 class RoleGroup:
@@ -104,3 +140,89 @@ class RoleGroup:
         self.actors = []
         if self.owns_placement:
             remove_placement_group(self.placement)
+
+
+def describe_placement(groups: list[RoleGroup]) -> str:
+    """Where each role runs, for the start-up log and placement errors."""
+    def shares(group: RoleGroup) -> str:
+        others = [g.name for g in groups if g is not group and g.placement is group.placement]
+        return f" (bundles shared with {', '.join(others)})" if others else ""
+
+    return "; ".join(f"{g.name} x{len(g.actors)} on {', '.join(sorted(set(g.nodes())))}{shares(g)}"
+                     for g in groups)
+
+
+def wait(refs, what: str, timeout_s: float, on_ready=None):
+    """ray.get with a deadline, failing fast: a role that hangs becomes an error naming the stage,
+    and the first call that fails (its actor died, say) raises at once instead of after the
+    others, which may be waiting on it in a collective. `on_ready(ref)` hears of each result."""
+    pending = list(refs) if isinstance(refs, list) else [refs]
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise RayRLHFError(f"{what} did not finish within {timeout_s:.0f} s (ray.call_timeout_s or "
+                               "weight_sync.timeout_s); the actors' logs are in Ray's log directory")
+        ray.get(ready)
+        if on_ready is not None:
+            on_ready(ready[0])
+    return ray.get(refs)
+
+
+class RoleClock:
+    """Waits on calls to the roles (`timeout_s` unless told), adding up how long each role's work
+    took: time/role/<role>_<call> in the metrics."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.seconds: dict[str, float] = {}
+
+    def wait(self, refs, what: str, timeout_s: float | None = None):
+        return wait(refs, what, timeout_s or self.timeout_s)
+
+    def wait_roles(self, calls: dict[str, list], what: str, timeout_s: float | None = None
+                   ) -> dict[str, list]:
+        """The results of calls sent to several roles at once; adds to seconds[name] the time from
+        now until the last of that role's calls finished."""
+        start, owner = time.perf_counter(), {ref: name for name, refs in calls.items() for ref in refs}
+        left = {name: len(refs) for name, refs in calls.items()}
+
+        def finished(ref) -> None:
+            left[owner[ref]] -= 1
+            if not left[owner[ref]]:
+                self.seconds[owner[ref]] = self.seconds.get(owner[ref], 0.0) + time.perf_counter() - start
+
+        wait(list(owner), what, timeout_s or self.timeout_s, on_ready=finished)
+        return {name: ray.get(refs) for name, refs in calls.items()}
+
+    def take(self) -> dict[str, float]:
+        """time/role/<role>_<call> since the last call."""
+        seconds, self.seconds = self.seconds, {}
+        return {f"time/role/{name}": value for name, value in seconds.items()}
+
+
+def role_memory(groups: list[RoleGroup], timeout_s: float) -> dict[str, float]:
+    """memory/<role>_rss_gib (and _cuda_peak_gib on GPU): the largest over the role's actors. An
+    actor that died since its last call is left out: the next call to it handles its loss."""
+    refs = {g.name: [a.__ray_call__.remote(_actor_memory) for a in g.actors] for g in groups}
+    ray.wait([ref for group_refs in refs.values() for ref in group_refs],
+             num_returns=sum(map(len, refs.values())), timeout=timeout_s)
+    out: dict[str, float] = {}
+    for name, group_refs in refs.items():
+        for ref in group_refs:
+            try:
+                stats = ray.get(ref, timeout=0)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue
+            for key, value in stats.items():
+                out[f"memory/{name}_{key}"] = max(out.get(f"memory/{name}_{key}", 0.0), value)
+    return out
+
+
+def _actor_memory(actor) -> dict[str, float]:
+    return process_memory()
+
+
+def device_of(actor) -> tuple[str, tuple[str, ...]]:
+    """(node id, GPU ids) of the actor: equal for actors that share a GPU."""
+    return ray.get_runtime_context().get_node_id(), tuple(str(gpu) for gpu in ray.get_gpu_ids())

@@ -30,7 +30,8 @@ from rayrlhf.errors import Interrupted, RayRLHFError, RewardError
 from rayrlhf.metrics import MetricsLog, StageTimer
 from rayrlhf.modeling import check_model_path, load_tokenizer
 from rayrlhf.rewards import load_reward_function
-from rayrlhf.system import RLHFSystem, Rollout
+from rayrlhf.rollout_service import Rollout, RolloutService
+from rayrlhf.system import RLHFSystem
 from rayrlhf.tiny import ensure_tiny_model
 
 
@@ -53,10 +54,10 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
     stop = GracefulStop()
     try:
         system = RLHFSystem(cfg, tokenizer.pad_token_id)
-        print(f"placed: {system.placement()}; weight sync by {system.weight_transport}", flush=True)
+        print(f"placed: {system.placement()}; weight sync by {system.rollout.weights.transport}", flush=True)
         kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
         ahead = cfg.trainer.max_staleness if cfg.trainer.async_rollout else 0
-        rollouts = RolloutQueue(system, sampler, ahead, cfg.trainer.total_steps)
+        rollouts = RolloutQueue(system.rollout, sampler, ahead, cfg.trainer.total_steps)
         first_step = 1 if resume_from is None else resume(system, resume_from, resumed, kl_ctl, rollouts)
         log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step, logging_cfg=cfg.logging,
                          config=OmegaConf.to_container(cfg, resolve=True))
@@ -67,9 +68,10 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
             timer = StageTimer()
             with timer("generate"):
                 rollout, staleness = rollouts.next(step)
-                greedy = system.generate(rollout.source, step, greedy=True) if algo.estimator == "remax" \
-                    else None
-                system.release_engines()  # rollout.sleep: their GPU memory is the trainers' until the sync
+                greedy = None
+                if algo.estimator == "remax":  # the greedy baseline of the same prompts
+                    greedy = system.rollout.generate(rollout.source, step, greedy=True)
+                system.rollout.release()  # rollout.sleep: their GPU memory is the trainers' until the sync
             with timer("experience"):
                 feedback = apply_rewards(rollout, system.rewards(rollout), cfg.reward)
                 baseline = None
@@ -84,8 +86,8 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
             if "kl/mean" in feedback:
                 kl_ctl.update(feedback["kl/mean"], len(rollout.batch))
             with timer("weight_sync"):
-                sync_bytes = system.sync_weights()
-            feedback["rollout/generating_at_sync"] = system.generations_in_progress()
+                sync_bytes = system.rollout.sync_weights()
+            feedback["rollout/generating_at_sync"] = system.rollout.generations_in_progress()
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 save_policy(system, tokenizer, output_dir / f"policy_step{step}")
             if evaluator and (step % cfg.eval.every == 0 or step == cfg.trainer.total_steps):
@@ -94,7 +96,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
 
             metrics = step_metrics(step, rollout.batch, feedback, learn, sync_bytes, timer, cfg.weight_sync,
                                    staleness)
-            metrics |= system.memory() | system.take_role_seconds()
+            metrics |= system.memory() | system.clock.take()
             log.log(metrics)
             history.append(metrics)
             if after_step is not None:
@@ -124,37 +126,37 @@ class RolloutQueue:
     """The batches to train on, in order. On-policy (`ahead` 0), batch k is generated when step k
     asks for it. Asynchronously, batches k+1..k+ahead are already being generated while step k
     trains, each from the weights the engines hold when it reaches them (see
-    RLHFSystem.sync_weights), so its staleness at training time is known and bounded by `ahead`.
+    RolloutService.sync_weights), so its staleness at training time is known and bounded by `ahead`.
     A checkpoint keeps the batches already drawn from the sampler (`state`), so a resumed run
     trains on exactly what the uninterrupted one would have."""
 
-    def __init__(self, system: RLHFSystem, sampler: PromptSampler, ahead: int, last_step: int):
-        self.system, self.sampler, self.ahead, self.last_step = system, sampler, ahead, last_step
+    def __init__(self, engines: RolloutService, sampler: PromptSampler, ahead: int, last_step: int):
+        self.engines, self.sampler, self.ahead, self.last_step = engines, sampler, ahead, last_step
         self.pending: deque = deque()  # (step, PendingGeneration or its finished Rollout)
 
     def next(self, step: int) -> tuple[Rollout, int]:
         """Batch `step` and its staleness (weight updates between its sampling and now)."""
         sent = self.pending[-1][0] if self.pending else step - 1
         for later in range(sent + 1, min(step + self.ahead, self.last_step) + 1):
-            self.pending.append((later, self.system.start_generation(self.sampler.next_batch(), later)))
+            self.pending.append((later, self.engines.start_generation(self.sampler.next_batch(), later)))
         _, rollout = self.pending.popleft()
         rollout = self._finished(rollout)
-        return rollout, self.system.weight_version - rollout.version
+        return rollout, self.engines.weight_version - rollout.version
 
     def _finished(self, item) -> Rollout:
-        return item if isinstance(item, Rollout) else self.system.finish_generation(item)
+        return item if isinstance(item, Rollout) else self.engines.finish_generation(item)
 
     def state(self) -> dict:
         """The sampler's position and the batches drawn before it (generation is awaited), their
         versions relative to the weights now."""
         self.pending = deque((step, self._finished(item)) for step, item in self.pending)
-        now = self.system.weight_version
+        now = self.engines.weight_version
         drawn = [(step, dataclasses.replace(r, version=r.version - now)) for step, r in self.pending]
         return {"sampler": self.sampler.state(), "drawn": drawn}
 
     def restore(self, state: dict) -> None:
         self.sampler.restore(state["sampler"])
-        now = self.system.weight_version
+        now = self.engines.weight_version
         self.pending = deque((step, dataclasses.replace(r, version=r.version + now))
                              for step, r in state["drawn"])
 
@@ -284,7 +286,7 @@ class Evaluator:
         self.rule = load_reward_function(cfg.eval.function) if cfg.eval.function else None
 
     def __call__(self, system: RLHFSystem, step: int) -> dict[str, float]:
-        rollout = system.generate(self.prompts, step, greedy=self.cfg.greedy)
+        rollout = system.rollout.generate(self.prompts, step, greedy=self.cfg.greedy)
         rewards = system.rewards(rollout)
         valid = torch.isfinite(rewards["scores"])
         mean = rewards["scores"][valid].mean().item() if valid.any() else float("nan")

@@ -1,11 +1,18 @@
-"""The rollout worker: one vLLM engine per Ray actor, generating responses with their log-probs."""
+"""The rollout-engine interface: what the driver asks of an engine, whatever generates.
+
+An engine is a Ray actor that samples responses with their log-probs and takes the actor's
+weights by the transports of `weight_sync`. `rollout.engine` names the implementation
+(`ENGINES`); vLLM's is `rayrlhf.vllm_engine.VLLMEngine`. Another engine (SGLang, a server) is one
+new file with a class implementing these methods, and a line here.
+"""
 
 from __future__ import annotations
 
-import os
+import importlib
 from dataclasses import dataclass
 
-from rayrlhf import weight_sync
+# rollout.engine -> "module:class", imported only by the run that uses it.
+ENGINES = {"vllm": "rayrlhf.vllm_engine:VLLMEngine"}
 
 
 @dataclass
@@ -17,75 +24,47 @@ class Sample:
     text: str
 
 
-class RolloutWorker:
-    def __init__(self, model_path: str, tokenizer: str, rollout_cfg, dtype: str, seed: int,
-                 max_model_len: int):
-        # The engine runs in this process; its worker is this actor (see ENVIRONMENT notes).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.kv_cache_gib))
-        from vllm import LLM
-        from vllm.platforms import current_platform
+class RolloutEngine:
+    """Constructed as `cls(model_path, tokenizer, rollout_cfg, dtype, seed, max_model_len)` on the
+    engine's own resources (`rollout.cpus_per_engine`, `gpus_per_engine`).
 
-        if current_platform.is_cpu():
-            weight_sync.keep_plain_linear_weights()  # weight syncs load in place (see weight_sync)
-
-        self.cfg = rollout_cfg
-        self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
-                       seed=seed, enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len,
-                       block_size=rollout_cfg.block_size or None,
-                       tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-                       gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-                       enable_sleep_mode=rollout_cfg.sleep,
-                       # Log-probs of the distribution sampled from (after penalties, temperature,
-                       # top-k and top-p), as the trainer computes them (algorithms.Sampling).
-                       logprobs_mode="processed_logprobs")
-        self.asleep = False
+    The log-probs an engine reports are those of the distribution it samples from, after the
+    repetition penalty, temperature, top-k and top-p (algorithms.Sampling), which is what the
+    trainer computes too. Calls run in the order they are sent: a weight load sent after a
+    generation applies to the generations sent after it."""
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None,
                  greedy: bool = False) -> list[list[Sample]]:
-        """`rollout.n` samples per prompt (one greedy response when `greedy`), with the sampled
-        tokens' log-probs after temperature and the other sampling transforms."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        """`rollout.n` samples per prompt (one greedy response when `greedy`), token ids in and
+        out. `seeds[i]` seeds prompt i's sampling, so a rollout is a function of (weights, prompt,
+        seed) alone and a resumed run samples what the uninterrupted one did."""
+        raise NotImplementedError
 
-        cfg = self.cfg
-        # A seed per prompt makes a rollout a function of (weights, prompt, seed) alone, not of
-        # the engine's history, so a resumed run samples what the uninterrupted one did.
-        params = [SamplingParams(
-            n=1 if greedy else cfg.n, max_tokens=cfg.max_new_tokens,
-            temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            repetition_penalty=cfg.repetition_penalty, stop=list(cfg.stop) or None,
-            include_stop_str_in_output=True, logprobs=0, seed=None if seeds is None else seeds[i],
-        ) for i in range(len(prompt_ids))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
-                                    params, use_tqdm=False)
-        return [[Sample(list(c.token_ids), [next(iter(lp.values())).logprob for lp in c.logprobs],
-                        c.finish_reason != "length", c.text) for c in out.outputs]
-                for out in outputs]
+    # The weight transports (weight_sync): an engine joins one of them at start-up, then every
+    # sync ends in receive_weights.
 
     def join_weight_sync(self, master_addr: str, port: int, first_rank: int, world_size: int,
                          backend: str, timeout_s: float) -> None:
-        self.llm.collective_rpc(weight_sync.engine_join,
-                                args=(master_addr, port, first_rank, world_size, backend, timeout_s))
+        """Collective transport: every worker of the engine joins trainer rank 0's group, worker
+        w at rank first_rank + w."""
+        raise NotImplementedError
 
     def map_shared_weights(self, path: str, plan) -> None:
-        self.llm.collective_rpc(weight_sync.engine_map, args=(path, plan))
+        """Shared-memory transport: maps the file trainer rank 0 writes each sync into (it holds
+        the current weights when this is called)."""
+        raise NotImplementedError
 
     def receive_weights(self, plan, ipc_handle: tuple | None = None) -> None:
-        """The actor's weights (see weight_sync); an engine asleep gets memory for them first,
-        and for its KV cache once they are in."""
-        if self.asleep:
-            self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc(weight_sync.engine_receive, args=(plan, ipc_handle))
-        if self.asleep:
-            self.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
-        # Cached prefixes were computed with the old weights.
-        self.llm.reset_prefix_cache()
+        """Loads one sync's weights (laid out by `plan`): from the group or the mapped file, or,
+        by CUDA IPC, from the buffer `ipc_handle` describes. An engine asleep wakes for them."""
+        raise NotImplementedError
 
     def sleep(self) -> None:
-        """Releases the GPU memory of the KV cache and the weights (vLLM sleep mode, level 2) for
-        colocated trainers; the next weight sync brings the weights back."""
-        if not self.asleep:
-            self.llm.sleep(level=2)
-            self.asleep = True
+        """Releases the accelerator memory of the KV cache and the weights for colocated
+        trainers, until the next receive_weights."""
+        raise NotImplementedError
+
+
+def engine_class(name: str) -> type[RolloutEngine]:
+    module, _, cls = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -25,12 +25,12 @@ from rayrlhf.checkpoint import (
     supervised_resume_keys,
     write_state,
 )
-from rayrlhf.cluster import start_ray
+from rayrlhf.cluster import role_memory, start_ray, wait
 from rayrlhf.data import SupervisedData, load_supervised, pack, preference_batch, sft_batch
 from rayrlhf.errors import DataError, Interrupted
 from rayrlhf.metrics import MetricsLog, StageTimer
 from rayrlhf.modeling import check_model_path, load_tokenizer
-from rayrlhf.system import role_memory, trainer_group, wait
+from rayrlhf.system import trainer_group
 from rayrlhf.tiny import ensure_tiny_model
 
 PROGRESS = {"sft": {"loss": "loss/sft", "eval_loss": "eval/loss"},

@@ -1,8 +1,10 @@
-"""The weight-sync channel: actor trainer rank 0 -> every vLLM engine worker.
+"""The weight-sync channel's transports: actor trainer rank 0 (or, by CUDA IPC, the rank on an
+engine's GPU) -> every rollout engine worker.
 
-Weights travel as flat buckets of about `bucket_mb`; the engines turn each bucket back into
-named HF tensors and load them: on CPU in place (see `load_in_place` below), elsewhere through
-vLLM's reload. Three transports:
+Weights travel as flat buckets of about `bucket_mb` (`plan_buckets`). Each transport is a
+`Sender` on the trainer ranks and a `Receiver` in the engine workers, which turns the buckets
+back into named HF tensors for the engine to load (vllm_engine: on CPU in place, elsewhere
+through vLLM's reload):
 - collective: a torch.distributed group of its own (gloo on CPU, NCCL on GPU) joins trainer
   rank 0 (rank 0) and each engine worker (ranks 1..). It is built straight from a TCPStore, so it
   lives beside the trainers' DeepSpeed group and vLLM's own group without touching either. Rank 0
@@ -14,6 +16,8 @@ vLLM's reload. Three transports:
   sync, every such rank copies the buckets into one buffer on its GPU, laid out as the shared
   memory file is, and the engines on that GPU load from it through a CUDA IPC handle, so the
   bytes never leave the device (NCCL cannot join two processes on one GPU).
+Nothing here knows an engine's internals; `rayrlhf.weight_channel` picks the transport and runs
+the syncs.
 """
 
 from __future__ import annotations
@@ -114,29 +118,94 @@ def gathered(params: list[torch.nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def send_buckets(module: torch.nn.Module, plan: list[list[ParamSpec]], is_sender: bool,
-                 device: torch.device, broadcaster: Broadcaster | None = None,
-                 shared: torch.Tensor | None = None) -> int:
-    """Called on every trainer rank (the ZeRO-3 gather needs them all); rank 0 queues each bucket
-    on `broadcaster`, or writes it into the `shared` memory file. Returns the bytes sent."""
+def send_buckets(module: torch.nn.Module, plan: list[list[ParamSpec]], write=None) -> int:
+    """Called on every trainer rank (the ZeRO-3 gather needs them all); on the rank that sends,
+    `write(index, weights)` puts bucket `index` (its weights, as functions computing each) where
+    the engines read it and returns its bytes. Returns the bytes sent."""
     weights = {name: (parts, compute) for name, parts, compute in hf_weights(module)}
     sent = 0
     for index, bucket in enumerate(plan):
         entries = [weights[name] for name, _, _ in bucket]
         with gathered([p for parts, _ in entries for p in parts]):
-            if not is_sender:
-                continue
-            if shared is None:
-                flat = torch.cat([compute().reshape(-1) for _, compute in entries]).to(device)
-                broadcaster.send(flat)
-            else:
-                flat = bucket_view(shared, plan, index)
-                for (_, compute), view in zip(entries, _split(flat, bucket), strict=True):
-                    weight = compute()
-                    if weight.data_ptr() != view.data_ptr():  # else already there (place_in_shared)
-                        view.copy_(weight)
-            sent += flat.numel() * flat.element_size()
+            if write is not None:
+                sent += write(index, [compute for _, compute in entries])
     return sent
+
+
+class Sender:
+    """A trainer rank's side of the weight transport. This base takes part in the gathers only
+    (the ranks that send nothing); each transport's sender writes the buckets somewhere."""
+
+    def send(self, module: torch.nn.Module, plan: list[list[ParamSpec]]) -> tuple[int, tuple | None]:
+        """Bytes sent, and with CUDA IPC the handle of the buffer written."""
+        return send_buckets(module, plan), None
+
+    def release(self) -> None:
+        """The engines have loaded the last sync."""
+
+    def close(self) -> None:
+        """The transport is replaced (the engines join anew after a restart)."""
+
+
+class CollectiveSender(Sender):
+    """Rank 0 of the collective transport: each bucket is queued on the broadcaster's thread."""
+
+    def __init__(self, broadcaster: Broadcaster, device: torch.device):
+        self.broadcaster, self.device = broadcaster, device
+
+    def send(self, module, plan) -> tuple[int, tuple | None]:
+        def write(index: int, weights) -> int:
+            flat = torch.cat([compute().reshape(-1) for compute in weights]).to(self.device)
+            self.broadcaster.send(flat)
+            return flat.numel() * flat.element_size()
+
+        return send_buckets(module, plan, write), None
+
+    def close(self) -> None:
+        self.broadcaster.close()
+
+
+class BufferSender(Sender):
+    """Writes every bucket into `buffer` (a uint8 tensor in the shared file's layout)."""
+
+    def __init__(self, buffer: torch.Tensor | None = None):
+        self.buffer = buffer
+
+    def send(self, module, plan) -> tuple[int, tuple | None]:
+        return send_buckets(module, plan, self._write_into(plan)), None
+
+    def _write_into(self, plan):
+        def write(index: int, weights) -> int:
+            flat = bucket_view(self.buffer, plan, index)
+            for compute, view in zip(weights, _split(flat, plan[index]), strict=True):
+                weight = compute()
+                if weight.data_ptr() != view.data_ptr():  # else already there (place_in_shared)
+                    view.copy_(weight)
+            return flat.numel() * flat.element_size()
+
+        return write
+
+
+class SharedMemorySender(BufferSender):
+    """Rank 0 of the shared-memory transport: the buffer is the /dev/shm file the engines map."""
+
+
+class CudaIpcSender(BufferSender):
+    """A rank with an engine on its GPU: each sync's buckets go into a buffer on that GPU, kept
+    until the engines have loaded from it, and the engines get its CUDA IPC handle."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def send(self, module, plan) -> tuple[int, tuple | None]:
+        self.buffer = torch.empty(shared_offsets(plan)[-1], dtype=torch.uint8, device=self.device)
+        sent = send_buckets(module, plan, self._write_into(plan))
+        torch.cuda.synchronize(self.device)
+        return sent, cuda_ipc_handle(self.buffer)
+
+    def release(self) -> None:
+        self.buffer = None
 
 
 def _split(flat: torch.Tensor, bucket: list[ParamSpec]) -> Iterator[torch.Tensor]:
@@ -255,159 +324,40 @@ def ipc_senders(actor_devices: list[tuple], engine_devices: list[tuple]) -> list
     return None if None in senders else senders
 
 
-# The functions below run inside each vLLM worker through `LLM.collective_rpc`, so that
-# with tensor parallelism every worker process joins the group and loads its own shard.
-
-def engine_join(worker, master_addr: str, port: int, first_rank: int, world_size: int,
-                backend: str, timeout_s: float) -> None:
-    worker.rayrlhf_sync_group = join_group(master_addr, port, first_rank + worker.rank,
-                                           world_size, backend, timeout_s)
 
 
-def engine_map(worker, path: str, plan: list[list[ParamSpec]]) -> None:
-    worker.rayrlhf_shared = map_shared_file(path, shared_offsets(plan)[-1])
-    worker.rayrlhf_read_in_place = read_packed_weights_in_place(worker, worker.rayrlhf_shared, plan)
+# The engine side of each transport: where a sync's (name, tensor) pairs come from. The engine
+# loads them as its own kind requires (see vllm_engine).
+
+class Receiver:
+    def weights(self, plan: list[list[ParamSpec]]) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def loaded(self) -> None:
+        """The engine has loaded what `weights` gave."""
 
 
-def engine_receive(worker, plan: list[list[ParamSpec]], ipc_handle: tuple | None = None) -> None:
-    if ipc_handle is not None:
-        buffer = open_cuda_ipc(ipc_handle)
-        worker.reload_weights(weights_iterator=shared_weights(buffer, plan))
+class CollectiveReceiver(Receiver):
+    def __init__(self, group, device: torch.device):
+        self.group, self.device = group, device
+
+    def weights(self, plan):
+        return receive_buckets(self.group, plan, self.device)
+
+
+class BufferReceiver(Receiver):
+    """Views of a buffer in the shared file's layout: the mapped /dev/shm file, or a GPU buffer."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+
+    def weights(self, plan):
+        return shared_weights(self.buffer, plan)
+
+
+class CudaIpcReceiver(BufferReceiver):
+    def __init__(self, handle: tuple[str, tuple]):
+        super().__init__(open_cuda_ipc(handle))
+
+    def loaded(self) -> None:
         torch.cuda.synchronize()  # every copy out of the buffer is done before its owner frees it
-        return
-    shared = getattr(worker, "rayrlhf_shared", None)
-    if shared is not None:
-        weights = shared_weights(shared, plan)
-    else:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        weights = receive_buckets(worker.rayrlhf_sync_group, plan, device)
-    if not load_in_place(worker, weights):
-        worker.reload_weights(weights_iterator=weights)
-
-
-# In-place loading on CPU. vLLM's CPU backend packs each linear layer's weight into oneDNN's
-# blocked layout and drops the plain tensor, so a new weight can only come in through its
-# layer-by-layer reload: every layer's tensors allocated afresh, loaded, re-packed, copied back
-# (most of a sync's time). An engine started after `keep_plain_linear_weights` keeps the plain
-# weights, so a sync loads into them with the model's own `load_weights` and re-packs each layer
-# with vLLM's own packing: the same result, without the allocations and the bookkeeping. With
-# the shared-memory file mapped, the plain weights of the packed layers that compute from their
-# packed copy alone are views of the file itself (`read_packed_weights_in_place`), so a sync
-# re-packs straight from it and loads only the rest.
-
-def keep_plain_linear_weights() -> None:
-    """Makes vLLM's CPU linear-layer packing keep each plain weight (call before the engine
-    loads its model, in the process that loads it). A vLLM without that function keeps its own
-    behaviour, and its reload serves the syncs."""
-    from vllm.model_executor.layers import utils
-
-    pack = getattr(utils, "dispatch_cpu_unquantized_gemm", None)
-    if pack is None or hasattr(pack, "original"):
-        return
-
-    def pack_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
-        pack(layer, remove_weight=False)
-        # A 3-D (convolution) weight is packed in place, so it cannot be loaded into again.
-        layer.rayrlhf_repack = layer.weight.dim() == 2 and not layer.weight.is_meta
-
-    pack_keeping_weight.original = pack
-    utils.dispatch_cpu_unquantized_gemm = pack_keeping_weight
-
-
-def _in_place_packing(worker):
-    """vLLM's CPU packing function where a sync can load in place (see `load_in_place`), else None."""
-    from vllm.model_executor.layers import utils
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-
-    pack = getattr(getattr(utils, "dispatch_cpu_unquantized_gemm", None), "original", None)
-    modules = list(worker.get_model().modules())
-    plain_methods = (type(None), UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
-    if (pack is None or worker.model_config.quantization is not None
-            or not all(type(getattr(m, "quant_method", None)) in plain_methods for m in modules)
-            or not all(getattr(m, "rayrlhf_repack", True) for m in modules)):
-        return None
-    return pack
-
-
-def read_packed_weights_in_place(worker, shared: torch.Tensor, plan: list[list[ParamSpec]]) -> set[str]:
-    """Makes each packed layer's plain weight a view of its bytes in the mapped file, where the
-    file holds them in the engine's layout: one HF weight, or the HF weights vLLM stacks into one
-    (q, k, v; gate, up), side by side in that order. Returns the HF names now read in place.
-
-    Only layers that compute from their packed copy alone are given views (see
-    `_computes_from_packed_copy`), so what the engine computes never depends on the file: the
-    trainer may write it (or its optimizer update it) at any time, and only re-packing, once a
-    sync has written the whole file, reads the views."""
-    if _in_place_packing(worker) is None:
-        return set()
-    model = worker.get_model()
-    views = dict(shared_weights(shared, plan))
-    stacked = getattr(model, "packed_modules_mapping", {})
-    looked_up = _looked_up_weights(model)
-    read_in_place: set[str] = set()
-    for name, layer in model.named_modules():
-        if (not getattr(layer, "rayrlhf_repack", False) or id(layer.weight) in looked_up
-                or not _computes_from_packed_copy(layer)):
-            continue
-        prefix, _, leaf = name.rpartition(".")
-        hf_names = [f"{prefix}.{part}.weight".lstrip(".") for part in stacked.get(leaf, [leaf])]
-        parts = [views.get(hf_name) for hf_name in hf_names]
-        if any(part is None or part.dtype != layer.weight.dtype for part in parts):
-            continue
-        first, rows = parts[0], sum(part.shape[0] for part in parts)
-        side_by_side = all(a.data_ptr() + a.numel() * a.element_size() == b.data_ptr()
-                           for a, b in zip(parts, parts[1:], strict=False))
-        if not side_by_side or (rows, *first.shape[1:]) != tuple(layer.weight.shape):
-            continue
-        layer.weight.data = first.as_strided((rows, *first.shape[1:]), first.stride())
-        read_in_place.update(hf_names)
-    return read_in_place
-
-
-def _looked_up_weights(model: torch.nn.Module) -> set[int]:
-    """ids of the weights that embedding lookups read as they are (with tied embeddings, the LM
-    head's weight too), never through a packed copy."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-
-    return {id(m.weight) for m in model.modules()
-            if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
-
-
-@torch.no_grad()
-def _computes_from_packed_copy(layer: torch.nn.Module) -> bool:
-    """Whether the layer's products depend on its packed copy only, never on the memory of its
-    plain weight. A layer whose packing fell back to torch's linear reads the plain weight (vLLM's
-    CPU kernels depend on the CPU, dtype and shape), so this is measured, not assumed: the plain
-    weight is negated in place (exactly undone) and the layer must give the same non-zero output
-    before and after."""
-    method = getattr(layer, "quant_method", None)
-    if method is None:
-        return False
-    weight = layer.weight
-    x = torch.randn(2, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
-    before = method.apply(layer, x)
-    weight.neg_()
-    try:
-        after = method.apply(layer, x)
-    finally:
-        weight.neg_()
-    return bool(before.abs().sum() > 0) and torch.equal(before, after)
-
-
-def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:
-    """Loads `weights` into the kept plain weights (skipping those read in place) and re-packs
-    every packed layer. Returns False, having read nothing, where vLLM's reload is needed instead:
-    an engine that did not keep its plain weights (GPU engines, or worker processes of their own),
-    a quantized model, or layers whose loaded weights vLLM transforms in other ways."""
-    pack = _in_place_packing(worker)
-    if pack is None:
-        return False
-    read_in_place = getattr(worker, "rayrlhf_read_in_place", set())
-    model = worker.get_model()
-    model.load_weights((name, tensor) for name, tensor in weights if name not in read_in_place)
-    for layer in model.modules():
-        if hasattr(layer, "rayrlhf_repack"):
-            pack(layer, remove_weight=False)
-    return True

@@ -211,7 +211,7 @@ def test_remax_baseline_is_normalised_by_the_samples_statistics():
     advantage is (s - b) / std(s), not the difference of two separately normalised batches."""
     from rayrlhf.config import load_config
     from rayrlhf.driver import apply_rewards
-    from rayrlhf.system import Rollout
+    from rayrlhf.rollout_service import Rollout
 
     def rollout(n):
         batch = build_batch([[1]] * n, [[2, 3]] * n, pad_id=0)

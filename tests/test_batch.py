@@ -41,7 +41,7 @@ def test_shared_memory_file_carries_every_weight_of_mixed_dtypes(tmp_path):
     assert len(plan) > 2 and all(offset % 64 == 0 for offset in offsets)
     path = str(tmp_path / "weights")
     writer = weight_sync.map_shared_file(path, offsets[-1])
-    sent = weight_sync.send_buckets(model, plan, is_sender=True, device=torch.device("cpu"), shared=writer)
+    sent = weight_sync.SharedMemorySender(writer).send(model, plan)[0]
     assert sent == sum(p.numel() * p.element_size() for p in model.parameters())
     reader = dict(weight_sync.shared_weights(weight_sync.map_shared_file(path, offsets[-1]), plan))
     assert list(reader) == [name for name, _ in model.named_parameters()]
@@ -70,7 +70,7 @@ def test_weights_placed_in_the_shared_file_reach_it_through_the_optimizer_alone(
     original_copy = torch.Tensor.copy_
     monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *args, **kwargs:
                         copies.append(src) or original_copy(self, src, *args, **kwargs))
-    sent = weight_sync.send_buckets(model, plan, is_sender=True, device=torch.device("cpu"), shared=writer)
+    sent = weight_sync.SharedMemorySender(writer).send(model, plan)[0]
     monkeypatch.undo()
     assert sent == sum(p.numel() * p.element_size() for p in model.parameters()) and copies == []
 

@@ -23,13 +23,14 @@ def test_preset_and_overrides_merge():
     ("nonsense=1", "unknown config key 'nonsense'"),
     ("trainer.total_steps=abc", "bad value for config key 'trainer.total_steps'"),
     ("trainer.total_steps=0", "'trainer.total_steps' must be >= 1"),
-    ("actor.zero_stage=4", "'actor.zero_stage' must be 0, 1, 2 or 3"),
+    ("actor.zero_stage=4", "'actor.zero_stage' must be one of 0, 1, 2, 3; got 4"),
     ("algorithm.clip_eps=1.5", "'algorithm.clip_eps' must be in (0, 1)"),
     ("rollout.temperature=0", "'rollout.temperature' must be > 0"),
     ("algorithm.train_batch_size=100", "'algorithm.train_batch_size' (100) must divide"),
     ("actor.micro_batch_size=48", "'actor.micro_batch_size'"),
-    ("model.dtype=int8", "'model.dtype' must be float32, bfloat16 or float16"),
-    ("model.linear_backend=mkl", "'model.linear_backend' must be auto, onednn or torch, got mkl"),
+    ("rollout.engine=sglang", "'rollout.engine' must be one of vllm; got 'sglang'"),
+    ("model.dtype=int8", "'model.dtype' must be one of float32, bfloat16, float16; got 'int8'"),
+    ("model.linear_backend=mkl", "'model.linear_backend' must be one of auto, onednn, torch; got 'mkl'"),
     ("trainer.total_steps", "not of the form key=value"),
     ("algorithm.estimator=ppo", "'algorithm.estimator' must be one of gae, grpo"),
     ("algorithm.kl_estimator=k4", "'algorithm.kl_estimator' must be one of k1, k2, k3"),
@@ -94,8 +95,25 @@ def test_reward_sources():
     assert [(m.path, m.weight) for m in cfg.reward.models] == [("/rm1", 0.5), ("/rm2", 1.0)]
 
 
+def test_only_the_roles_that_start_are_checked():
+    """A GRPO run starts no critic and no SFT ranks: their settings cannot stop it."""
+    grpo = ["algorithm.estimator=grpo", "rollout.n=4"]
+    unused = ["critic.micro_batch_size=48", "critic.lr=0", "sft.lr=0", "rm.zero_stage=5"]
+    load_config(PRESET, [*grpo, *unused])
+    with pytest.raises(ConfigError, match="'critic.lr' must be > 0"):
+        load_config(PRESET, ["critic.lr=0"])
+    with pytest.raises(ConfigError, match="'sft.lr' must be > 0"):
+        load_config(PRESET, ["sft.lr=0"], "sft")
+    with pytest.raises(ConfigError, match="'rm.zero_stage' must be one of 0, 1, 2, 3; got 5"):
+        load_config("conf/tiny_pipeline.yaml", ["rm.zero_stage=5"], None)
+    no_kl = [*grpo, "algorithm.kl_coef=0", "reference.micro_batch_size=0"]
+    load_config(PRESET, no_kl)
+    with pytest.raises(ConfigError, match="'reference.micro_batch_size' must be >= 1"):
+        load_config(PRESET, [*grpo, "reference.micro_batch_size=0"])
+
+
 def test_roles_follow_the_algorithm():
-    from rayrlhf.system import roles_needed
+    from rayrlhf.validation import roles_needed
 
     assert roles_needed(load_config(PRESET, [])) == {"rollout", "reward", "actor", "reference", "critic"}
     grpo = load_config(PRESET, ["algorithm.estimator=grpo", "rollout.n=4"])
@@ -117,3 +135,34 @@ def test_old_logprob_pass_only_when_pi_old_differs_from_the_trained_policy():
                   "algorithm.ppo_epochs=2", "algorithm.train_batch_size=16",  # several steps per batch
                   "algorithm.recompute_old_logprobs=true"):
         assert needs_old_logprob_pass(load_config(PRESET, [*one_step, extra])), extra
+
+
+def test_a_field_rule_says_what_the_value_must_be():
+    from rayrlhf.validation import Rule
+
+    assert Rule(gt=0, lt=1).problem(1.5) == "must be in (0, 1), got 1.5"
+    assert Rule(ge=0, le=1).problem(0) is None
+    assert Rule(ge=0, le=1).problem(-1) == "must be in [0, 1], got -1"
+    assert Rule(gt=0, why="it divides").problem(0) == "must be > 0 (it divides), got 0"
+    assert Rule(one_of=("a", "b")).problem("c") == "must be one of a, b; got 'c'"
+    assert Rule(each_ge=1).problem([1, 0]) == "must hold values >= 1, got [1, 0]"
+    assert Rule(gt=1).problem(None) is None  # an optional setting left unset
+
+
+def test_every_default_keeps_its_own_rule():
+    from dataclasses import fields, is_dataclass
+
+    from rayrlhf.config import RunConfig
+
+    def broken(schema) -> list[str]:
+        out = []
+        for spec in fields(schema):
+            if is_dataclass(spec.default_factory):
+                out += broken(spec.default_factory)
+            elif "rule" in spec.metadata:
+                default = spec.default_factory() if callable(spec.default_factory) else spec.default
+                if spec.metadata["rule"].problem(default) is not None:
+                    out.append(f"{schema.__name__}.{spec.name}")
+        return out
+
+    assert broken(RunConfig) == []

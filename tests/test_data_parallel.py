@@ -11,11 +11,12 @@ import torch
 
 from rayrlhf.algorithms import Sampling, policy_loss, response_mask, sft_nll, value_loss
 from rayrlhf.batch import build_batch
+from rayrlhf.cluster import wait
 from rayrlhf.config import load_config
 from rayrlhf.data import sft_batch
 from rayrlhf.modeling import load_causal_lm, load_scalar_model, policy_logprobs, sft_logits, token_values
 from rayrlhf.supervised import held_out_metrics
-from rayrlhf.system import trainer_group, wait
+from rayrlhf.system import trainer_group
 
 pytestmark = pytest.mark.integration
 # The functions below run inside the trainer actors (actor.__ray_call__), which cannot import tests.

@@ -126,12 +126,12 @@ def test_decoding_options_in_the_engine(tiny_policy):
     from rayrlhf.algorithms import Sampling
     from rayrlhf.batch import build_batch
     from rayrlhf.modeling import load_causal_lm, policy_logprobs
-    from rayrlhf.rollout import RolloutWorker
+    from rayrlhf.vllm_engine import VLLMEngine
 
     cfg = load_config("conf/tiny_ppo.yaml", ["rollout.stop=[e]", "rollout.n=3", "rollout.top_k=20",
                                              "rollout.top_p=0.9", "rollout.repetition_penalty=1.2",
                                              "rollout.temperature=0.8", "rollout.max_new_tokens=12"])
-    engine = RolloutWorker(tiny_policy, "", cfg.rollout, "float32", seed=0, max_model_len=64)
+    engine = VLLMEngine(tiny_policy, "", cfg.rollout, "float32", seed=0, max_model_len=64)
     prompts = [[10, 11, 12], [20, 21]] * 8
     sampled = engine.generate(prompts)
     assert all(len(group) == 3 for group in sampled)

@@ -52,17 +52,18 @@ def test_an_engine_dead_at_a_collective_sync_is_restarted_without_hanging(tmp_pa
     gather, nor the live engine, stuck in the same broadcast (it is restarted too)."""
     cfg = small_config(tmp_path, tiny_policy, "rollout.num_engines=2", "trainer.total_steps=4",
                        "weight_sync.transport=collective", "actor.num_ranks=2", "actor.zero_stage=3",
-                       "weight_sync.timeout_s=120", "ray.call_timeout_s=120")
+                       "weight_sync.timeout_s=300", "ray.call_timeout_s=300")
     # An idle engine is killed while the actor trains: the sync right after meets it dead.
-    killer = Killer(Path(cfg.output_dir), 1, "ray::RolloutWorker", during="ray::TrainerWorker.train")
+    killer = Killer(Path(cfg.output_dir), 1, "ray::VLLMEngine", during="ray::TrainerWorker.train")
     killer.start()
-    start = time.monotonic()
     history = train(cfg)
+    finished = time.monotonic()
     killer.join(timeout=1)
     assert killer.killed_at is not None, "no idle engine was caught while the actor trained"
     assert [m["step"] for m in history] == [1, 2, 3, 4]
     assert "rollout engine(s) [" in capfd.readouterr().out
-    assert time.monotonic() - start < 110  # no timeout was waited out
+    # Waiting in the broadcast to the dead engine would last the group's whole timeout (300 s).
+    assert finished - killer.killed_at < 200
     # The steps after the restart sampled with the trained weights on both engines.
     assert all(m["sync/logprob_gap_mean"] < 1e-3 for m in history[2:]), history
     assert wait_for_resources_released(ray_cluster)
@@ -78,7 +79,7 @@ def test_asynchronous_engines_run_ahead_and_a_killed_one_loses_no_batch(tmp_path
                        "algorithm.estimator=rloo", "rollout.n=4", "algorithm.kl_coef=0",
                        "algorithm.ppo_epochs=1", "algorithm.train_batch_size=64", "actor.micro_batch_size=64",
                        "rollout.max_new_tokens=48", "data.max_prompt_tokens=16")
-    killer = Killer(Path(cfg.output_dir), 2, "ray::RolloutWorker.generate")
+    killer = Killer(Path(cfg.output_dir), 2, "ray::VLLMEngine.generate")
     killer.start()
     history = train(cfg)
     killer.join(timeout=1)

@@ -103,10 +103,10 @@ def test_zero3_two_ranks_and_checkpoint_loads_in_vllm(tmp_path, ray_cluster, tin
     from rayrlhf.algorithms import Sampling
     from rayrlhf.batch import build_batch
     from rayrlhf.modeling import load_causal_lm, policy_logprobs
-    from rayrlhf.rollout import RolloutWorker
+    from rayrlhf.vllm_engine import VLLMEngine
 
     saved = str(Path(cfg.output_dir) / "policy")
-    engine = RolloutWorker(saved, "", cfg.rollout, "float32", seed=0, max_model_len=64)
+    engine = VLLMEngine(saved, "", cfg.rollout, "float32", seed=0, max_model_len=64)
     prompts = [[10, 11, 12], [20, 21, 22, 23]]
     samples = [s[0] for s in engine.generate(prompts)]
     batch = build_batch(prompts, [s.response_ids for s in samples], pad_id=0)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from rayrlhf import weight_sync
+from rayrlhf import vllm_cpu, weight_sync
 from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import build_batch
 from rayrlhf.config import load_config
@@ -52,22 +52,22 @@ def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, realistic_models, mo
     The realistic models' 131k-token vocabularies need no padding, so their embedding tables have
     the file's shapes, and the lookup reads its table as it is (with tied embeddings, the LM head's
     too): it must stay the engine's own."""
-    from rayrlhf.rollout import RolloutWorker
+    from rayrlhf.vllm_engine import VLLMEngine
 
     path = tiny_policy if family == "tiny" else realistic_models(family)
     cfg = load_config("conf/tiny_ppo.yaml", ["rollout.max_new_tokens=6", f"rollout.enforce_eager={eager}",
                                              f"rollout.block_size={block_size}"])
-    engine = RolloutWorker(path, "", cfg.rollout, "float32", seed=0, max_model_len=64)
+    engine = VLLMEngine(path, "", cfg.rollout, "float32", seed=0, max_model_len=64)
     if block_size:
         assert engine.llm.llm_engine.vllm_config.cache_config.block_size == block_size
     in_place = []
-    load_in_place = weight_sync.load_in_place
+    load_in_place = vllm_cpu.load_in_place
 
     def recording_load_in_place(worker, weights):
         in_place.append(load_in_place(worker, weights))
         return in_place[-1]
 
-    monkeypatch.setattr(weight_sync, "load_in_place", recording_load_in_place)
+    monkeypatch.setattr(vllm_cpu, "load_in_place", recording_load_in_place)
 
     policy = load_causal_lm(path, "float32")
     plan = weight_sync.plan_buckets(weight_sync.parameter_specs(policy), bucket_bytes=64 * 1024)
@@ -95,7 +95,7 @@ def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, realistic_models, mo
     loaded = load_causal_lm(path, "float32")  # what the engine holds
     for seed in (1, 2):  # the second sync must replace what the first one packed
         _perturbed(policy, seed)
-        weight_sync.send_buckets(policy, plan, is_sender=True, device=torch.device("cpu"), shared=shared)
+        weight_sync.SharedMemorySender(shared).send(policy, plan)[0]
         # Written but not yet received: the engine still has the weights of the last sync.
         assert _engine_agrees(engine, loaded, prompts, Sampling.of(cfg.rollout)), seed
         engine.receive_weights(plan)

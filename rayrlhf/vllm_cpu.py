@@ -1,0 +1,153 @@
+"""vLLM's CPU backend: weight syncs that load in place.
+
+vLLM's CPU backend packs each linear layer's weight into oneDNN's blocked layout and drops the
+plain tensor, so a new weight can only come in through its layer-by-layer reload: every layer's
+tensors allocated afresh, loaded, re-packed, copied back (most of a sync's time). An engine
+started after `keep_plain_linear_weights` keeps the plain weights, so a sync loads into them with
+the model's own `load_weights` and re-packs each layer with vLLM's own packing: the same result,
+without the allocations and the bookkeeping. With the shared-memory file mapped, the plain
+weights of the packed layers that compute from their packed copy alone are views of the file
+itself (`read_packed_weights_in_place`), so a sync re-packs straight from it and loads only the
+rest.
+
+This patches a private vLLM function, so it applies only to the vLLM versions it was checked on
+(`CHECKED_VLLM`) and where that function has the signature it expects; elsewhere the engine
+keeps vLLM's behaviour (one line says so) and vLLM's reload serves the syncs. GPU engines never
+call it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+
+import torch
+
+from rayrlhf.weight_sync import ParamSpec, shared_weights
+
+# vLLM releases whose CPU packing `keep_plain_linear_weights` was checked against (the weight-sync
+# tests load in place on each and compare the engine's log-probs with transformers').
+CHECKED_VLLM = ("0.32.",)
+
+
+def keep_plain_linear_weights() -> None:
+    """Makes vLLM's CPU linear-layer packing keep each plain weight (call before the engine
+    loads its model, in the process that loads it)."""
+    import vllm
+    from vllm.model_executor.layers import utils
+
+    pack = getattr(utils, "dispatch_cpu_unquantized_gemm", None)
+    if pack is not None and hasattr(pack, "original"):
+        return
+    if (pack is None or not vllm.__version__.startswith(CHECKED_VLLM)
+            or "remove_weight" not in inspect.signature(pack).parameters):
+        checked = ", ".join(version.rstrip(".") for version in CHECKED_VLLM)
+        print(f"weight sync: in-place loads are checked on vLLM {checked}'s CPU packing, not on vLLM "
+              f"{vllm.__version__}'s; the engine loads each sync through vLLM's reload", flush=True)
+        return
+
+    def pack_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        pack(layer, remove_weight=False)
+        # A 3-D (convolution) weight is packed in place, so it cannot be loaded into again.
+        layer.rayrlhf_repack = layer.weight.dim() == 2 and not layer.weight.is_meta
+
+    pack_keeping_weight.original = pack
+    utils.dispatch_cpu_unquantized_gemm = pack_keeping_weight
+
+
+def _in_place_packing(worker):
+    """vLLM's CPU packing function where a sync can load in place (see `load_in_place`), else None."""
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    pack = getattr(getattr(utils, "dispatch_cpu_unquantized_gemm", None), "original", None)
+    modules = list(worker.get_model().modules())
+    plain_methods = (type(None), UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
+    if (pack is None or worker.model_config.quantization is not None
+            or not all(type(getattr(m, "quant_method", None)) in plain_methods for m in modules)
+            or not all(getattr(m, "rayrlhf_repack", True) for m in modules)):
+        return None
+    return pack
+
+
+def read_packed_weights_in_place(worker, shared: torch.Tensor, plan: list[list[ParamSpec]]) -> set[str]:
+    """Makes each packed layer's plain weight a view of its bytes in the mapped file, where the
+    file holds them in the engine's layout: one HF weight, or the HF weights vLLM stacks into one
+    (q, k, v; gate, up), side by side in that order. Returns the HF names now read in place.
+
+    Only layers that compute from their packed copy alone are given views (see
+    `_computes_from_packed_copy`), so what the engine computes never depends on the file: the
+    trainer may write it (or its optimizer update it) at any time, and only re-packing, once a
+    sync has written the whole file, reads the views."""
+    if _in_place_packing(worker) is None:
+        return set()
+    model = worker.get_model()
+    views = dict(shared_weights(shared, plan))
+    stacked = getattr(model, "packed_modules_mapping", {})
+    looked_up = _looked_up_weights(model)
+    read_in_place: set[str] = set()
+    for name, layer in model.named_modules():
+        if (not getattr(layer, "rayrlhf_repack", False) or id(layer.weight) in looked_up
+                or not _computes_from_packed_copy(layer)):
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        hf_names = [f"{prefix}.{part}.weight".lstrip(".") for part in stacked.get(leaf, [leaf])]
+        parts = [views.get(hf_name) for hf_name in hf_names]
+        if any(part is None or part.dtype != layer.weight.dtype for part in parts):
+            continue
+        first, rows = parts[0], sum(part.shape[0] for part in parts)
+        side_by_side = all(a.data_ptr() + a.numel() * a.element_size() == b.data_ptr()
+                           for a, b in zip(parts, parts[1:], strict=False))
+        if not side_by_side or (rows, *first.shape[1:]) != tuple(layer.weight.shape):
+            continue
+        layer.weight.data = first.as_strided((rows, *first.shape[1:]), first.stride())
+        read_in_place.update(hf_names)
+    return read_in_place
+
+
+def _looked_up_weights(model: torch.nn.Module) -> set[int]:
+    """ids of the weights that embedding lookups read as they are (with tied embeddings, the LM
+    head's weight too), never through a packed copy."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    return {id(m.weight) for m in model.modules()
+            if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+
+
+@torch.no_grad()
+def _computes_from_packed_copy(layer: torch.nn.Module) -> bool:
+    """Whether the layer's products depend on its packed copy only, never on the memory of its
+    plain weight. A layer whose packing fell back to torch's linear reads the plain weight (vLLM's
+    CPU kernels depend on the CPU, dtype and shape), so this is measured, not assumed: the plain
+    weight is negated in place (exactly undone) and the layer must give the same non-zero output
+    before and after."""
+    method = getattr(layer, "quant_method", None)
+    if method is None:
+        return False
+    weight = layer.weight
+    x = torch.randn(2, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
+    before = method.apply(layer, x)
+    weight.neg_()
+    try:
+        after = method.apply(layer, x)
+    finally:
+        weight.neg_()
+    return bool(before.abs().sum() > 0) and torch.equal(before, after)
+
+
+def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:
+    """Loads `weights` into the kept plain weights (skipping those read in place) and re-packs
+    every packed layer. Returns False, having read nothing, where vLLM's reload is needed instead:
+    an engine that did not keep its plain weights (GPU engines, or worker processes of their own),
+    a quantized model, or layers whose loaded weights vLLM transforms in other ways."""
+    pack = _in_place_packing(worker)
+    if pack is None:
+        return False
+    read_in_place = getattr(worker, "rayrlhf_read_in_place", set())
+    model = worker.get_model()
+    model.load_weights((name, tensor) for name, tensor in weights if name not in read_in_place)
+    for layer in model.modules():
+        if hasattr(layer, "rayrlhf_repack"):
+            pack(layer, remove_weight=False)
+    return True
