@@ -13,7 +13,7 @@ layout in turn:
 - shared+checkpointing: the same with gradient checkpointing (activations recomputed in the
   backward pass, for memory);
 - shared+onednn_linear, shared+torch_linear: shared, with the linear layers' fp32 GEMMs on oneDNN
-  (`rayrlhf.onednn`) and on torch's own BLAS; the other layouts use the one `model.linear_backend`
+  (`rayrlhf.cpu_platform`) and on torch's own BLAS; the other layouts use the one `model.linear_backend`
   picks (auto: oneDNN on AMD CPUs, torch's elsewhere);
 - shared+compiled: shared, on a second rank set up with `actor.compile=true` (the others run
   eager whatever the config says); its compilation happens in set-up, before the rounds.
@@ -51,9 +51,9 @@ def main() -> None:
     from rayrlhf.algorithms import Sampling, response_mask
     from rayrlhf.batch import build_batch, prompt_groups, segment_sizes
     from rayrlhf.config import load_config
+    from rayrlhf.cpu_platform import onednn_chosen, use_onednn_linear
     from rayrlhf.data import load_prompts
     from rayrlhf.driver import prepare_models
-    from rayrlhf.onednn import onednn_chosen, use_onednn_linear
     from rayrlhf.trainer import TrainerWorker, free_port
 
     cfg = load_config(args.config, args.overrides)

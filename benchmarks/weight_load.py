@@ -26,7 +26,7 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
 
-    from rayrlhf import vllm_cpu, weight_sync
+    from rayrlhf import cpu_platform, weight_sync
     from rayrlhf.config import load_config
     from rayrlhf.driver import prepare_models
     from rayrlhf.modeling import load_causal_lm
@@ -56,8 +56,8 @@ def main() -> None:
         worker.reload_weights(weights_iterator=weights)
 
     def in_place(worker, weights) -> None:
-        if not vllm_cpu.load_in_place(worker, weights):
-            sys.exit("weight_load.py: error: this engine cannot load in place (vllm_cpu.load_in_place)")
+        if not cpu_platform.load_in_place(worker, weights):
+            sys.exit("weight_load.py: error: this engine cannot load in place (cpu_platform.load_in_place)")
 
     loads = {"vllm_reload_weights": timed(vllm_reload), "in_place": timed(in_place)}
     src = torch.empty(nbytes // 4).normal_()

@@ -21,12 +21,13 @@ from rayrlhf.algorithms import (
     sft_nll,
     value_loss,
 )
-from rayrlhf.batch import Batch
+from rayrlhf.batch import Batch, build_batch
 from rayrlhf.modeling import (
     pair_scores,
     policy_logprobs,
     policy_logprobs_and_entropy,
     sft_logits,
+    to_device,
     token_values,
 )
 
@@ -69,9 +70,9 @@ class Objective:
         """Whether the training forward itself gives the batch's pi_old log-probs (see PolicyObjective)."""
         return False
 
-    def compile_probe(self, module, batch: Batch) -> torch.Tensor | None:
-        """The output of the forward a training step runs, for compiling it ahead (None: no need)."""
-        return None
+    def compile_ahead(self, module, device: torch.device) -> None:
+        """Runs what torch.compile compiles at a step's first forward and backward, for the roles
+        that can (the others compile at their first step)."""
 
     @property
     def keeps_prompt_groups(self) -> bool:
@@ -84,6 +85,20 @@ class _PPOObjective(Objective):
     def of(cls, role_cfg, algo=None, sampling: Sampling = Sampling(), norm_len: int = 1) -> Objective:
         packing = ("prompts" if role_cfg.share_prompts else "samples") if role_cfg.packing else "none"
         return cls(packing=packing, algo=algo, sampling=sampling, norm_len=norm_len)
+
+    def compile_ahead(self, module, device: torch.device) -> None:
+        """One forward and backward of a made-up batch in the PPO layout. Its gradients go nowhere:
+        `autograd.grad` leaves `.grad` and DeepSpeed's hooks untouched."""
+        # Two prompt groups of uneven lengths, so that no size the model sees is 0 or 1 and no
+        # two are equal by chance (as packed rows without end padding would make the token count
+        # and the grid's): torch specialises sizes 0 and 1 and ties equal ones, and a real batch
+        # that differed would compile again at the first step.
+        prompts, responses = [[4, 5, 6]] * 2 + [[7, 8]] * 2, [[10, 11, 12], [13, 14], [15, 16], [17]]
+        batch = to_device(build_batch(prompts, responses, 0), device)
+        module.train()
+        out = self.infer(module, batch)
+        weight = next(p for p in module.parameters() if p.requires_grad)
+        torch.autograd.grad(out.sum(), [weight], allow_unused=True)
 
 
 @dataclass
@@ -141,8 +156,6 @@ class PolicyObjective(_PPOObjective):
     def infer(self, module, batch: Batch) -> torch.Tensor:
         return policy_logprobs(module, batch, self.sampling, self.packing).float()
 
-    compile_probe = infer
-
 
 class ValueObjective(_PPOObjective):
     """The PPO critic: the (optionally clipped) value loss toward the returns."""
@@ -161,8 +174,6 @@ class ValueObjective(_PPOObjective):
 
     def infer(self, module, batch: Batch) -> torch.Tensor:
         return token_values(module, batch, self.packing)
-
-    compile_probe = infer
 
 
 class SFTObjective(Objective):

@@ -6,6 +6,7 @@ import torch
 
 from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import Batch
+from rayrlhf.cpu_platform import onednn_chosen, use_onednn_linear
 from rayrlhf.data import reward_model_batch, same_tokenizer
 from rayrlhf.modeling import (
     default_device,
@@ -16,7 +17,6 @@ from rayrlhf.modeling import (
     policy_logprobs,
     sequence_scores,
 )
-from rayrlhf.onednn import onednn_chosen, use_onednn_linear
 from rayrlhf.reward_server import RemoteRewardClient
 from rayrlhf.rewards import load_reward_function
 

@@ -13,17 +13,16 @@ from rayrlhf import weight_sync
 from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import (
     Batch,
-    build_batch,
     row_micro_batches,
     row_tokens,
     shuffled_rows,
     token_micro_batches,
 )
 from rayrlhf.checkpoint import load_rng_states, save_rng_states
+from rayrlhf.cpu_platform import onednn_chosen, use_onednn_linear
 from rayrlhf.lora import apply_lora, hf_weights, plain_model
 from rayrlhf.modeling import DTYPES, default_device, load_causal_lm, load_scalar_model, to_device
 from rayrlhf.objectives import OBJECTIVES
-from rayrlhf.onednn import onednn_chosen, use_onednn_linear
 from rayrlhf.weight_channel import SendingRank
 
 
@@ -128,26 +127,8 @@ class TrainerWorker(SendingRank):
             # through a buffer at each step.
             self.engine.enable_backward_allreduce = False
         self.dtype = DTYPES[dtype]
-        if role_cfg.compile:
-            self._compile_now()
-
-    def _compile_now(self) -> None:
-        """One forward and backward of a made-up batch in the PPO layout, so that torch compiles
-        during set-up, beside the engines' own start-up, rather than in the first step (for the
-        roles that train on such batches). Its gradients go nowhere: `autograd.grad` leaves `.grad`
-        and DeepSpeed's hooks untouched."""
-        # Two prompt groups of uneven lengths, so that no size the model sees is 0 or 1 and no
-        # two are equal by chance (as packed rows without end padding would make the token count
-        # and the grid's): torch specialises sizes 0 and 1 and ties equal ones, and a real batch
-        # that differed would compile again at the first step.
-        prompts, responses = [[4, 5, 6]] * 2 + [[7, 8]] * 2, [[10, 11, 12], [13, 14], [15, 16], [17]]
-        batch = to_device(build_batch(prompts, responses, 0), self.device)
-        self.module.train()
-        out = self.objective.compile_probe(self.module, batch)
-        if out is None:
-            return
-        weight = next(p for p in self.module.parameters() if p.requires_grad)
-        torch.autograd.grad(out.sum(), [weight], allow_unused=True)
+        if role_cfg.compile:  # during set-up, beside the engines' own start-up, not in the first step
+            self.objective.compile_ahead(self.module, self.device)
 
     @property
     def module(self) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from rayrlhf import vllm_cpu, weight_sync
+from rayrlhf import cpu_platform, weight_sync
 from rayrlhf.rollout import RolloutEngine, Sample
 
 
@@ -20,7 +20,7 @@ class VLLMEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
-            vllm_cpu.keep_plain_linear_weights()  # weight syncs load in place
+            cpu_platform.keep_plain_linear_weights()  # weight syncs load in place
 
         self.cfg = rollout_cfg
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
@@ -90,12 +90,13 @@ def _join(worker, master_addr: str, port: int, first_rank: int, world_size: int,
 def _map(worker, path: str, plan) -> None:
     worker.rayrlhf_shared = weight_sync.map_shared_file(path, weight_sync.shared_offsets(plan)[-1])
     worker.rayrlhf_receiver = weight_sync.BufferReceiver(worker.rayrlhf_shared)
-    worker.rayrlhf_read_in_place = vllm_cpu.read_packed_weights_in_place(worker, worker.rayrlhf_shared, plan)
+    worker.rayrlhf_read_in_place = cpu_platform.read_packed_weights_in_place(worker, worker.rayrlhf_shared,
+                                                                             plan)
 
 
 def _receive(worker, plan, ipc_handle: tuple | None = None) -> None:
     receiver = worker.rayrlhf_receiver if ipc_handle is None else weight_sync.CudaIpcReceiver(ipc_handle)
     weights = receiver.weights(plan)
-    if not vllm_cpu.load_in_place(worker, weights):
+    if not cpu_platform.load_in_place(worker, weights):
         worker.reload_weights(weights_iterator=weights)
     receiver.loaded()

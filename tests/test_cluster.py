@@ -138,8 +138,10 @@ def test_submit_runs_a_tiny_job_on_a_local_head(tmp_path, tiny_policy):
         result = subprocess.run(
             [str(CLUSTER / "submit.sh"), "--address", address, "conf/tiny_ppo.yaml",
              f"model.path={tiny_policy}", "model.build_tiny=false", f"output_dir={run}",
-             "trainer.total_steps=2", "trainer.prompts_per_step=16", "algorithm.train_batch_size=16",
-             "actor.micro_batch_size=16", "critic.micro_batch_size=16"],
+             "trainer.total_steps=2", "trainer.prompts_per_step=8", "rollout.n=2",
+             "algorithm.train_batch_size=16", "actor.micro_batch_size=16",
+             # No critic and no reference to start: the job's path through the cluster is what is tested.
+             "algorithm.estimator=rloo", "algorithm.kl_coef=0"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-5000:]

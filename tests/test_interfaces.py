@@ -39,14 +39,14 @@ def test_the_private_vllm_packing_is_patched_only_on_the_versions_checked(monkey
     import vllm
     from vllm.model_executor.layers import utils
 
-    from rayrlhf import vllm_cpu
+    from rayrlhf import cpu_platform
 
     original = getattr(utils.dispatch_cpu_unquantized_gemm, "original", utils.dispatch_cpu_unquantized_gemm)
     monkeypatch.setattr(utils, "dispatch_cpu_unquantized_gemm", original)
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
-    vllm_cpu.keep_plain_linear_weights()
+    cpu_platform.keep_plain_linear_weights()
     assert utils.dispatch_cpu_unquantized_gemm is original
     assert "not on vLLM 0.99.0's; the engine loads each sync through vLLM's reload" in capsys.readouterr().out
-    monkeypatch.setattr(vllm, "__version__", vllm_cpu.CHECKED_VLLM[0] + "0")
-    vllm_cpu.keep_plain_linear_weights()
+    monkeypatch.setattr(vllm, "__version__", cpu_platform.CHECKED_VLLM[0] + "0")
+    cpu_platform.keep_plain_linear_weights()
     assert utils.dispatch_cpu_unquantized_gemm.original is original

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayrlhf.onednn import OneDNNLinear, available, use_onednn_linear
+from rayrlhf.cpu_platform import OneDNNLinear, available, use_onednn_linear
 
 pytestmark = pytest.mark.skipif(not available(), reason="oneDNN linear needs an x86 CPU build of torch")
 
@@ -86,7 +86,7 @@ def test_model_linear_backend_picks_the_backend_of_the_scoring_models(tiny_polic
 
 def test_an_unusable_onednn_op_keeps_torch_linear_with_one_line(monkeypatch, capsys):
     """oneDNN's linear is a private torch op: where it fails (or disagrees), nothing is switched."""
-    from rayrlhf import onednn
+    from rayrlhf import cpu_platform as onednn
 
     def broken(*args):
         raise RuntimeError("could not create a primitive")
@@ -106,7 +106,7 @@ def test_an_unusable_onednn_op_keeps_torch_linear_with_one_line(monkeypatch, cap
 @pytest.mark.parametrize(("vendor", "expected"),
                          [("AuthenticAMD", True), ("GenuineIntel", False), ("", False)])
 def test_auto_picks_onednn_on_amd_only_whatever_cpu_runs_the_test(monkeypatch, vendor, expected):
-    from rayrlhf import onednn
+    from rayrlhf import cpu_platform as onednn
 
     monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
     assert onednn.onednn_chosen("auto") is expected

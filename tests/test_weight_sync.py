@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from rayrlhf import vllm_cpu, weight_sync
+from rayrlhf import cpu_platform, weight_sync
 from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import build_batch
 from rayrlhf.config import load_config
@@ -61,13 +61,13 @@ def test_a_cpu_engine_loads_each_sync_in_place(tiny_policy, realistic_models, mo
     if block_size:
         assert engine.llm.llm_engine.vllm_config.cache_config.block_size == block_size
     in_place = []
-    load_in_place = vllm_cpu.load_in_place
+    load_in_place = cpu_platform.load_in_place
 
     def recording_load_in_place(worker, weights):
         in_place.append(load_in_place(worker, weights))
         return in_place[-1]
 
-    monkeypatch.setattr(vllm_cpu, "load_in_place", recording_load_in_place)
+    monkeypatch.setattr(cpu_platform, "load_in_place", recording_load_in_place)
 
     policy = load_causal_lm(path, "float32")
     plan = weight_sync.plan_buckets(weight_sync.parameter_specs(policy), bucket_bytes=64 * 1024)
