@@ -46,7 +46,8 @@ def test_bench_reports_every_stage_of_a_real_run(tmp_path, ray_cluster, tiny_pol
     cfg = load_config("conf/bench_cpu.yaml", [
         f"model.path={tiny_policy}", "model.build_tiny=false", f"output_dir={tmp_path}",
         "bench.steps=2", "bench.warmup_steps=1", "bench.sweep_prompts=[]", "bench.sweep_max_new_tokens=[]",
-        "rollout.enforce_eager=true"])  # what is tested is the report, not the compiled engine
+        # What is tested is the report, not the compiled engine and trainer layers (their own tests).
+        "rollout.enforce_eager=true", "actor.compile=false"])
     report = run_bench(cfg)
     base = report["points"][0]
     stages = ("generate", "experience", "train", "weight_sync", "other")
@@ -101,7 +102,8 @@ def test_weight_load_benchmark_times_both_loads_on_a_real_engine(tmp_path, tiny_
     out = tmp_path / "weight_load.json"
     subprocess.run([sys.executable, "benchmarks/weight_load.py", "--config", "conf/bench_cpu.yaml",
                     "--rounds", "2", "--output", str(out), f"model.path={tiny_policy}",
-                    "model.build_tiny=false"],
+                    # An eager engine: test_weight_sync loads a compiled one in place.
+                    "model.build_tiny=false", "rollout.enforce_eager=true"],
                    check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "."})
     result = json.loads(out.read_text())
     assert set(result["median_ms"]) == {"vllm_reload_weights", "in_place", "memcpy"}
