@@ -163,10 +163,31 @@ def wait(refs, what: str, timeout_s: float, on_ready=None):
         if not ready:
             raise RayRLHFError(f"{what} did not finish within {timeout_s:.0f} s (ray.call_timeout_s or "
                                "weight_sync.timeout_s); the actors' logs are in Ray's log directory")
-        ray.get(ready)
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayTaskError as err:
+            raise _dead_peer(pending) or err from None
         if on_ready is not None:
             on_ready(ready[0])
     return ray.get(refs)
+
+
+def _dead_peer(pending: list, grace_s: float = 10.0) -> ray.exceptions.RayActorError | None:
+    """The death of another call's actor, if one is reported within `grace_s`: when a rank dies in
+    a collective, its peers' calls fail first ("connection reset by peer"), before Ray has seen the
+    death that is the cause, and the cause is what the user must hear (a rank died: resume)."""
+    deadline = time.monotonic() + grace_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return None
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as death:
+            return death
+        except Exception:  # noqa: BLE001, S112 - another failure of the same event; the death is sought
+            continue
+    return None
 
 
 class RoleClock:

@@ -87,9 +87,10 @@ def test_asynchronous_engines_run_ahead_and_a_killed_one_loses_no_batch(tmp_path
     assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6]
     assert "rollout engine(s) [" in capfd.readouterr().out
     assert all(m["rollout/staleness"] <= 2 for m in history)
-    # Generation is the slow stage here: with no drain at the syncs, the engines are still busy
-    # generating when a sync returns (steps 1 and 2 come before the kill).
-    assert all(m["rollout/generating_at_sync"] > 0 for m in history[:2]), history
+    # With no drain at the syncs, the engines are still generating when some sync returns (which
+    # ones depends on the machine's speed: the first training step is slow, and a batch can finish
+    # within a short step); a sync that waited for the queued generations would leave 0 every time.
+    assert any(m["rollout/generating_at_sync"] > 0 for m in history), history
     assert all(math.isfinite(m["loss/policy"]) for m in history)
     assert wait_for_resources_released(ray_cluster)
 
