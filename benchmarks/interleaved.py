@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 
-def parse_args(doc: str, script: str) -> argparse.Namespace:
+def parse_args(doc: str, script: str, extra: dict[str, dict] | None = None) -> argparse.Namespace:
+    """--config, --rounds, --output and overrides; `extra` adds the script's own options."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--config", required=True)
+    for flag, options in (extra or {}).items():
+        parser.add_argument(flag, **options)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--output", default="", help="JSON file for the result")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")

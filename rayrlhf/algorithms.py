@@ -6,9 +6,11 @@ including EOS) and 0.0 on padding. Nothing here knows about Ray, vLLM or DeepSpe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 
 @dataclass(frozen=True)
@@ -54,22 +56,51 @@ def response_logprobs(logits: torch.Tensor, sequences: torch.Tensor, prompt_len:
 
 def token_logprobs(scoring: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """[B, N] log-probs of `tokens` under the logits [B, N, V] that score them."""
-    picked = scoring.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(scoring, dim=-1)
+    return _TokenLogprobs.apply(scoring, tokens)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """z[token] - logsumexp(z), whose backward writes g (onehot(token) - softmax(z)) into one new
+    tensor of z's size; autograd's gather and logsumexp backwards make several, and on a 131k
+    vocabulary those passes over memory cost as much as the LM head's product."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        log_z = z.logsumexp(dim=-1, keepdim=True)
+        ctx.save_for_backward(z, tokens, log_z)
+        return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_z.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, tokens, log_z = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        grad_z = torch.sub(z, log_z).exp_().mul_(-grad)
+        return grad_z.scatter_add_(-1, tokens.unsqueeze(-1), grad), None
 
 
 def seen_tokens(prompts: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
                 vocab: int) -> torch.Tensor:
     """[B, N, V] bool: token v occurs in prompt b (where `prompt_mask`) or in its response before
     position j, the tokens the repetition penalty applies to when response token j is drawn."""
-    rows = prompts.shape[0]
-    in_prompt = torch.zeros(rows, vocab, dtype=torch.uint8, device=prompts.device).scatter_reduce(
-        1, prompts, prompt_mask.to(torch.uint8), "amax")
-    drawn = torch.zeros(*responses.shape, vocab, dtype=torch.uint8, device=responses.device)
-    drawn.scatter_(2, responses.unsqueeze(-1), 1)
-    before = torch.zeros_like(drawn)
-    before[:, 1:] = drawn[:, :-1].cummax(dim=1).values
-    return (before | in_prompt.unsqueeze(1)).bool()
+    rows, length = responses.shape
+    row = torch.arange(rows, device=responses.device).repeat_interleave(length)
+    col = torch.arange(length, device=responses.device).repeat(rows)
+    return PenaltyMask(prompts, prompt_mask, responses, vocab)(row, col).view(rows, length, vocab)
+
+
+class PenaltyMask:
+    """seen_tokens at chosen response positions only: [len(row), V] for positions (row, col),
+    so that a chunk of positions needs no [B, N, V] tensor."""
+
+    def __init__(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor, vocab: int):
+        self.responses = responses
+        self.in_prompt = torch.zeros(prompts.shape[0], vocab, dtype=torch.uint8, device=prompts.device) \
+            .scatter_reduce(1, prompts, prompt_mask.to(torch.uint8), "amax")
+
+    def __call__(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        earlier = self.responses[row]
+        before = torch.arange(earlier.shape[1], device=row.device)[None] < col[:, None]
+        return self.in_prompt[row].scatter_reduce(1, earlier, before.to(torch.uint8), "amax").bool()
 
 
 def sampling_logits(scoring: torch.Tensor, tokens: torch.Tensor, sampling: Sampling,
@@ -82,7 +113,8 @@ def sampling_logits(scoring: torch.Tensor, tokens: torch.Tensor, sampling: Sampl
     if sampling.penalises:
         penalised = torch.where(z > 0, z / sampling.repetition_penalty, z * sampling.repetition_penalty)
         z = torch.where(seen, penalised, z)
-    z = z / sampling.temperature
+    if sampling.temperature != 1.0:
+        z = z / sampling.temperature
     if not sampling.truncates:
         return z
     with torch.no_grad():
@@ -236,6 +268,123 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs.masked_fill(log_probs.isinf(), 0.0)).sum(dim=-1)
 
 
+def chunked_logprobs(hidden: torch.Tensor, head, tokens: torch.Tensor, sampling: Sampling, chunk: int,
+                     seen=None, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[M] log-probs of `tokens` [M] under the logits head(hidden) [M, V], in `sampling`'s
+    distribution, and their entropy if asked; `seen(index)` gives the repetition-penalty mask
+    [len(index), V] of those positions. `head` is the LM head's weight [V, H] when it is a plain
+    linear map, else a function of the hidden states. The logits exist `chunk` positions at a time
+    and are recomputed in backward rather than kept, so memory is O(M x hidden + chunk x V)
+    instead of O(M x V). A plain head under temperature alone takes the fused path
+    (_FusedHeadLogprobs); the other transforms go through sampling_logits chunk by chunk."""
+    if isinstance(head, torch.Tensor):
+        if not (sampling.penalises or sampling.truncates):
+            return _FusedHeadLogprobs.apply(hidden, head, tokens, sampling.temperature, chunk, with_entropy)
+        head = functools.partial(torch.nn.functional.linear, weight=head)
+
+    def score(part: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = tokens[index]
+        z = sampling_logits(head(part), picked, sampling, seen(index) if sampling.penalises else None)
+        logprobs = token_logprobs(z, picked)
+        return logprobs, entropy_from_logits(z) if with_entropy else logprobs
+
+    positions = torch.arange(len(tokens), device=tokens.device)
+    recompute = len(tokens) > chunk and torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for start in range(0, max(len(tokens), 1), chunk):
+        args = (hidden[start:start + chunk], positions[start:start + chunk])
+        parts.append(torch.utils.checkpoint.checkpoint(score, *args, use_reentrant=False) if recompute
+                     else score(*args))
+    logprobs, entropy = (torch.cat(column) for column in zip(*parts, strict=True))
+    return logprobs, entropy if with_entropy else None
+
+
+class _FusedHeadLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / T)[token] (and the entropy) a chunk of positions at a time, every
+    [chunk, V] step done in place in one reused fp32 buffer, the logits recomputed in backward.
+    Fresh [chunk, V] tensors per step (what autograd's ops make) cost about as much as the
+    product itself on a 131k vocabulary: the memory is touched anew each time.
+
+    With z = h W^T / T, p = softmax(z) and H = -sum p log p:
+      d log p_t / dz = onehot(t) - p,   dH / dz = -p (log p + H)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, chunk, with_entropy):
+        count = len(tokens)
+        logprobs = hidden.new_empty(count, dtype=torch.float32)
+        entropy = hidden.new_empty(count, dtype=torch.float32) if with_entropy else None
+        log_norm = hidden.new_empty(count, dtype=torch.float32)
+        buffers = _HeadBuffers(hidden, weight, temperature, chunk, 2 if with_entropy else 1)
+        for start in range(0, count, chunk):
+            end = min(start + chunk, count)
+            z = buffers.logits(hidden[start:end])
+            picked = z.gather(1, tokens[start:end, None]).squeeze(1)
+            top = z.amax(dim=1, keepdim=True)
+            z.sub_(top)
+            if with_entropy:
+                p = torch.exp(z, out=buffers.extra[:end - start])
+                total = p.sum(dim=1)
+                expected = p.mul_(z).sum(dim=1) / total  # E_p[z - top]
+                entropy[start:end] = total.log() - expected
+            else:
+                total = z.exp_().sum(dim=1)
+            log_norm[start:end] = top.squeeze(1) + total.log()
+            logprobs[start:end] = picked - log_norm[start:end]
+        ctx.save_for_backward(hidden, weight, tokens, log_norm, *(() if entropy is None else (entropy,)))
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, tokens, log_norm, *entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        use_entropy = bool(entropy) and grad_entropy is not None
+        buffers = _HeadBuffers(hidden, weight, ctx.temperature, ctx.chunk, 2 if use_entropy else 1)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(log_norm)
+        for start in range(0, len(tokens), ctx.chunk):
+            end = min(start + ctx.chunk, len(tokens))
+            g = grad_logprobs[start:end, None]
+            log_p = buffers.logits(hidden[start:end]).sub_(log_norm[start:end, None])
+            if use_entropy:  # -p (g + g_H (log p + H)), then + g at the token
+                p = torch.exp(log_p, out=buffers.extra[:end - start])
+                grad_z = log_p.add_(entropy[0][start:end, None]).mul_(grad_entropy[start:end, None]).add_(g) \
+                    .mul_(p).neg_()
+            else:
+                grad_z = log_p.exp_().mul_(-g)
+            grad_z.scatter_add_(1, tokens[start:end, None], g)
+            if ctx.temperature != 1.0:
+                grad_z.div_(ctx.temperature)
+            grad_z = grad_z.to(weight.dtype)
+            if need_hidden:
+                torch.mm(grad_z, weight, out=grad_hidden[start:end])
+            if need_weight:
+                grad_weight.addmm_(grad_z.t().float(), hidden[start:end].float())
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+class _HeadBuffers:
+    """The reused [chunk, V] fp32 buffers of _FusedHeadLogprobs."""
+
+    def __init__(self, hidden, weight, temperature: float, chunk: int, count: int):
+        shape = (min(chunk, len(hidden)), len(weight))
+        self.main = hidden.new_empty(shape, dtype=torch.float32)
+        self.extra = hidden.new_empty(shape, dtype=torch.float32) if count > 1 else None
+        self.weight, self.temperature = weight, temperature
+
+    def logits(self, part: torch.Tensor) -> torch.Tensor:
+        """z = part W^T / T, in the buffer."""
+        z = self.main[:len(part)]
+        if part.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            torch.mm(part, self.weight.t(), out=z)
+        else:
+            z.copy_(part @ self.weight.t())
+        return z.div_(self.temperature) if self.temperature != 1.0 else z
+
+
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                mask: torch.Tensor, clip_eps: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """0.5 * mean(max((V - R)^2, (V_clipped - R)^2)), V clipped to old_V +- eps (None: no clip)."""
@@ -337,14 +486,6 @@ class AdaptiveKLController:
 
 
 # Supervised stages: SFT and reward modelling.
-
-def sft_nll(logits: torch.Tensor, sequences: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T-1] negative log-likelihood of each token from the logits before it, zero where
-    `loss_mask` (on the predicted token) is 0: the loss covers response tokens only."""
-    scoring = logits[:, :-1].float()
-    picked = scoring.gather(-1, sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (torch.logsumexp(scoring, dim=-1) - picked) * loss_mask[:, 1:]
-
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), mean over pairs, and the accuracy."""

@@ -110,6 +110,7 @@ def measure(name: str, cfg: DictConfig, params: int,
     result["samples_per_s"] = samples / result["seconds/step"]
     result["tokens_per_s"] = tokens / result["seconds/step"]
     result["sync/bytes"] = mean("sync/bytes")
+    result |= {key: max(r[key] for r in rows) for key in rows[-1] if key.endswith("_rss_peak_gib")}
     # Forward and backward of the actor (and critic) over every token, each PPO epoch: 6 N flops.
     trained_models = 2 if cfg.algorithm.estimator == "gae" else 1
     flops = 6 * params * mean("batch/tokens") * cfg.algorithm.ppo_epochs * trained_models
@@ -236,7 +237,7 @@ class PacedTRL:
             return {"trl/samples_per_s": None, "trl/error": self.error}
         trl = json.loads(self.result_path.read_text())
         return {"trl/samples_per_s": trl["samples_per_s"], "trl/seconds/each_step": trl["step_seconds"],
-                "trl/version": trl["trl_version"]}
+                "trl/rss_peak_gib": trl["rss_peak_gib"], "trl/version": trl["trl_version"]}
 
 
 def compare(base: dict, trl: dict) -> dict:

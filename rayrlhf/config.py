@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rayrlhf.algorithms import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from rayrlhf.rollout import ENGINES
+from rayrlhf.tiny import TEST_FAMILIES
 from rayrlhf.validation import LR_SCHEDULES, WEIGHT_TRANSPORTS, ConfigError, rule, validate
 
 
@@ -26,6 +27,10 @@ class ModelConfig:
     build_tiny: bool = False
     tiny_hidden_size: int = 128
     tiny_layers: int = rule(2, ge=1)
+    # Empty: the character-level Llama (57 tokens). Else a model shaped like that family
+    # (rayrlhf.tiny.TEST_FAMILIES) behind its real tokenizer: qwen2 and mistral 131k tokens
+    # (tekken), qwen3 32k.
+    tiny_family: str = rule("", one_of=("", *TEST_FAMILIES))
     dtype: str = rule("float32", one_of=("float32", "bfloat16", "float16"))
     # The fp32 CPU products of the trained and scoring models' linear layers: onednn (x86), torch
     # (its BLAS, MKL), or auto: oneDNN on AMD CPUs, where MKL runs its AVX2 path (oneDNN about 2x
@@ -40,10 +45,15 @@ class DataConfig:
     # A built-in synthetic task (see rayrlhf.tasks.TASKS) supplying prompts, and for SFT and RM
     # demonstrations and preference pairs, when no dataset path is given.
     task: str = ""
+    # A string, or a conversation: a list of {"role", "content"} messages (system turns too),
+    # which always goes through the tokenizer's chat template.
     prompt_field: str = "prompt"
-    # Wrap each prompt in the tokenizer's chat template as a user turn.
+    # Wrap each string prompt in the tokenizer's chat template as a user turn.
     chat_template: bool = False
     max_prompt_tokens: int = rule(64, ge=1)
+    # A prompt over max_prompt_tokens: error stops before any actor starts, naming it; drop
+    # leaves it out (counted in the start-up log).
+    overlong_prompts: str = rule("error", one_of=("error", "drop"))
     # Size of the built-in synthetic prompt set.
     synthetic_size: int = rule(2048, ge=1)
 
@@ -65,8 +75,9 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     # Responses sampled per prompt (the group of the critic-free estimators).
     n: int = rule(1, ge=1)
-    # vLLM KV cache size on CPU (GiB) and memory fraction on GPU.
-    kv_cache_gib: int = 1
+    # vLLM KV cache size on CPU (GiB, allocated at start-up: it counts in the engine's memory)
+    # and memory fraction on GPU.
+    kv_cache_gib: float = rule(1.0, gt=0)
     # KV cache block size in tokens; 0 keeps vLLM's (128 on CPU, 16 on GPU). vLLM's CPU attention
     # wants a multiple of 32: 32 generated the CPU bench point (contexts under 40 tokens) 5-9%
     # faster than 128.
@@ -101,6 +112,13 @@ class RewardModelSpec:
 
 
 @dataclass
+class RewardFunctionSpec:
+    # A built-in (rayrlhf.rewards.BUILTIN) or path/to/file.py[:name], as reward.function.
+    function: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
 class RemoteRewardSpec:
     # A `rayrlhf serve-rm` server, e.g. http://127.0.0.1:8000.
     url: str = MISSING
@@ -116,6 +134,9 @@ class RewardConfig(ReferenceConfig):
     # reward(prompts, responses, **fields) -> list[float]; empty or null for none.
     function: str | None = "alphabet"
     function_weight: float = 1.0
+    # More functions, each with its weight (e.g. math at 1.0 and format at 0.1); with more than
+    # one function each one's mean score is logged as reward/<function>.
+    functions: list[RewardFunctionSpec] = field(default_factory=list)
     models: list[RewardModelSpec] = field(default_factory=list)
     remote: list[RemoteRewardSpec] = field(default_factory=list)
     remote_timeout_s: float = rule(30.0, gt=0)
@@ -190,12 +211,13 @@ class SupervisedDataConfig:
     # Held-out rows: a file in the same format, else the last `eval_fraction` of `path`.
     eval_path: str = ""
     eval_fraction: float = rule(0.1, gt=0, lt=1)
+    # A string or a conversation, as data.prompt_field.
     prompt_field: str = "prompt"
     # SFT reads the response; reward-model training reads the chosen and rejected responses.
     response_field: str = "response"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
-    # Wrap each prompt in the tokenizer's chat template as a user turn.
+    # Wrap each string prompt in the tokenizer's chat template as a user turn.
     chat_template: bool = False
     # Longest prompt + response in tokens; a longer sample is truncated (its response cut) or
     # dropped, and counted either way.
@@ -357,6 +379,9 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "rayrlhf"
     wandb_mode: str = rule("offline", one_of=("offline", "online", "disabled"))
+    # Samples of each step written to output_dir/samples.jsonl (prompt, response, reward,
+    # truncated): what the policy says and what it earns, to read beside the curves; 0 is off.
+    samples_per_step: int = rule(0, ge=0)
 
 
 @dataclass

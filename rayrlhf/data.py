@@ -20,7 +20,9 @@ from rayrlhf.tasks import TASKS, demonstrations, preference_pairs
 
 @dataclass
 class Prompt:
-    text: str
+    # As the dataset gives it: a string, or a conversation (a list of {"role", "content"} messages,
+    # system turns included). Reward functions and reward models receive it as it is.
+    text: str | list[dict]
     token_ids: list[int]
     # The row's other columns, passed to a reward function as keyword lists.
     fields: dict = field(default_factory=dict)
@@ -62,21 +64,41 @@ def _read_rows(path: Path) -> list[dict]:
     raise DataError(f"dataset {path}: unsupported format (use .jsonl, .parquet or a datasets directory)")
 
 
-def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
-    if chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(text).input_ids
+def encode_prompts(tokenizer, prompts: list, chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt. A conversation goes through the tokenizer's chat template (with
+    the assistant turn opened); a string does too, as one user turn, when `chat_template`, else it
+    is encoded as it is (with the tokenizer's special tokens, e.g. BOS). Batched: a 100k-prompt
+    dataset takes seconds."""
+    ids: list[list[int] | None] = [None] * len(prompts)
+    templated, plain = [], []
+    for i, prompt in enumerate(prompts):
+        (plain if isinstance(prompt, str) and not chat_template else templated).append(i)
+    if templated:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the tokenizer has no chat template, which conversational prompts and "
+                            "data.chat_template=true need (use a chat model's tokenizer, or give "
+                            "plain string prompts with data.chat_template=false)")
+        texts = [tokenizer.apply_chat_template(_as_conversation(prompts[i]), add_generation_prompt=True,
+                                               tokenize=False) for i in templated]
+        for i, row in zip(templated, tokenizer(texts, add_special_tokens=False).input_ids, strict=True):
+            ids[i] = row
+    if plain:
+        for i, row in zip(plain, tokenizer([prompts[i] for i in plain]).input_ids, strict=True):
+            ids[i] = row
+    return ids
 
 
-def reward_model_batch(tokenizer, prompts: list[str], responses: list[str], chat_template: bool) -> Batch:
+def _as_conversation(prompt: str | list[dict]) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def reward_model_batch(tokenizer, prompts: list, responses: list[str], chat_template: bool) -> Batch:
     """A reward model's own tokens for (prompt, response) texts, in the shared layout: the prompt
-    encoded as the data pipeline encodes the policy's (through the chat template as a user turn if
-    data.chat_template), the response after it. In-process reward models with another tokenizer
+    (a string or a conversation) encoded as the data pipeline encodes the policy's
+    (encode_prompts), the response after it. In-process reward models with another tokenizer
     than the policy and the remote reward server both score this."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return build_batch([encode_prompt(tokenizer, p, chat_template) for p in prompts],
+    return build_batch(encode_prompts(tokenizer, prompts, chat_template),
                        [tokenizer(r, add_special_tokens=False).input_ids for r in responses], pad_id)
 
 
@@ -91,7 +113,8 @@ def _no_task(key: str) -> DataError:
 
 def load_prompts(data_cfg, tokenizer, seed: int, path: str | None = None, size: int | None = None,
                  held_out: bool = False) -> list[Prompt]:
-    """Read, check and tokenise every prompt; any prompt over the length limit is an error.
+    """Read, check and tokenise every prompt. One over data.max_prompt_tokens is an error, or with
+    data.overlong_prompts=drop is left out and counted.
 
     `path` and `size` default to data.path and data.synthetic_size (evaluation passes its own, and
     `held_out` for the task's evaluation prompts).
@@ -102,24 +125,47 @@ def load_prompts(data_cfg, tokenizer, seed: int, path: str | None = None, size: 
         rows = _read_rows(Path(path))
         if not rows:
             raise DataError(f"dataset {path} is empty")
-        texts = [_text_field(row, data_cfg.prompt_field, f"dataset {path}, row {i}", "data.prompt_field")
+        texts = [_prompt_field(row, data_cfg.prompt_field, f"dataset {path}, row {i}")
                  for i, row in enumerate(rows)]
     else:
         if not data_cfg.task:
             raise _no_task("data.path")
         texts = TASKS[data_cfg.task].prompts(size or data_cfg.synthetic_size, seed, held_out)
 
-    prompts = []
-    for i, text in enumerate(texts):
-        ids = encode_prompt(tokenizer, text, data_cfg.chat_template)
-        if len(ids) > data_cfg.max_prompt_tokens:
-            raise DataError(f"prompt {i} has {len(ids)} tokens, more than data.max_prompt_tokens="
-                            f"{data_cfg.max_prompt_tokens}: {text[:60]!r}")
+    prompts, overlong = [], 0
+    limit = data_cfg.max_prompt_tokens
+    for i, (text, ids) in enumerate(zip(texts, encode_prompts(tokenizer, texts, data_cfg.chat_template),
+                                        strict=True)):
         if not ids:
             raise DataError(f"prompt {i} is empty after tokenisation")
+        if len(ids) > limit:
+            if data_cfg.overlong_prompts == "error":
+                raise DataError(f"prompt {i} has {len(ids)} tokens, more than data.max_prompt_tokens="
+                                f"{limit}: {str(text)[:60]!r} (data.overlong_prompts=drop leaves such "
+                                "prompts out)")
+            overlong += 1
+            continue
         fields = {k: v for k, v in rows[i].items() if k != data_cfg.prompt_field} if rows else {}
         prompts.append(Prompt(text, ids, fields))
+    if overlong:
+        print(f"left out {overlong} of {len(texts)} prompts over data.max_prompt_tokens={limit} "
+              "(data.overlong_prompts=drop)", flush=True)
+    if not prompts:
+        raise DataError(f"every one of the {len(texts)} prompts is over data.max_prompt_tokens={limit}")
     return prompts
+
+
+def _prompt_field(row, name: str, where: str, key: str = "data.prompt_field") -> str | list[dict]:
+    """A non-empty string, or a conversation: a non-empty list of {"role": str, "content": str}."""
+    value = row.get(name) if isinstance(row, dict) else None
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if isinstance(value, list):
+        raise DataError(f"{where}: field '{name}' is a list but not a conversation (a non-empty list of "
+                        "{\"role\": str, \"content\": str} messages)")
+    return _text_field(row, name, where, key)
 
 
 def _text_field(row, name: str, where: str, key: str, allow_empty: bool = False) -> str:
@@ -188,8 +234,9 @@ def _encode(rows: list, fields: tuple[str, ...], keys: tuple[str, ...], stage: s
     examples = []
     for i, row in enumerate(rows, first_row):
         where = f"{source}, row {i}"
-        prompt = encode_prompt(tokenizer, _text_field(row, data_cfg.prompt_field, where,
-                                                      f"{stage}.data.prompt_field"), data_cfg.chat_template)
+        prompt = encode_prompts(tokenizer, [_prompt_field(row, data_cfg.prompt_field, where,
+                                                          f"{stage}.data.prompt_field")],
+                                data_cfg.chat_template)[0]
         texts = [_text_field(row, f, where, f"{stage}.data.{k}", allow_empty=True)
                  for f, k in zip(fields, keys, strict=True)]
         if not all(t.strip() for t in texts):

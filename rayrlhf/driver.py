@@ -74,6 +74,8 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
                 system.rollout.release()  # rollout.sleep: their GPU memory is the trainers' until the sync
             with timer("experience"):
                 feedback = apply_rewards(rollout, system.rewards(rollout), cfg.reward)
+                if cfg.logging.samples_per_step:
+                    log.samples(sample_records(step, rollout, cfg.logging.samples_per_step))
                 baseline = None
                 if greedy is not None:
                     apply_rewards(greedy, system.rewards(greedy), cfg.reward, like=rollout)
@@ -210,7 +212,7 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
         hint = "every sample of the batch failed" if reward_cfg.skip_invalid else \
             "set reward.skip_invalid=true to drop such samples"
         raise RewardError(f"reward for sample {row} is unusable: {reasons[row]} ({len(reasons)} such in "
-                          f"the batch; {hint}); prompt {rollout.prompts[row][:80]!r}, "
+                          f"the batch; {hint}); prompt {str(rollout.prompts[row])[:80]!r}, "
                           f"response {rollout.responses[row][:80]!r}")
     valid = torch.isfinite(scores)
     raw = scores.nan_to_num(0.0)
@@ -227,6 +229,15 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
     for key, values in rewards["metrics"].items():
         metrics[f"reward/{key}"] = values[valid].nanmean().item()
     return metrics
+
+
+def sample_records(step: int, rollout: Rollout, count: int) -> list[dict]:
+    """The first `count` samples of a scored rollout, as samples.jsonl records."""
+    batch = rollout.batch
+    return [{"step": step, "prompt": rollout.prompts[i], "response": rollout.responses[i],
+             "reward": batch["raw_scores"][i].item(), "valid": bool(batch["valid"][i]),
+             "truncated": bool(batch["truncated"][i]), "response_tokens": int(batch["response_lengths"][i])}
+            for i in range(min(count, len(rollout.responses)))]
 
 
 def needs_old_logprob_pass(cfg: DictConfig) -> bool:
@@ -330,10 +341,9 @@ def logprob_gap(batch: Batch, warn_gap: float, step: int) -> dict[str, float]:
 
 def prepare_models(cfg: DictConfig):
     """Build the tiny model if asked, check every model path, and return the tokenizer."""
-    if cfg.reward.function:
-        load_reward_function(cfg.reward.function)  # fails here, before any actor starts
-    if cfg.eval.function:
-        load_reward_function(cfg.eval.function)
+    functions = [cfg.reward.function, *(spec.function for spec in cfg.reward.functions), cfg.eval.function]
+    for name in filter(None, functions):
+        load_reward_function(name)  # fails here, before any actor starts
     if cfg.model.build_tiny:
         ensure_tiny_model(cfg.model, cfg.seed)
     checks = {f"reward.models[{i}].path": spec.path for i, spec in enumerate(cfg.reward.models)}

@@ -41,10 +41,13 @@ PPO_PROGRESS = {"reward": "reward/mean", "kl": "kl/mean", "len": "response/lengt
 
 def process_memory() -> dict[str, float]:
     """This process's memory in GiB, so each actor can report its own role's footprint."""
+    import resource
+
     import psutil
     import torch
 
-    out = {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+    out = {"rss_gib": psutil.Process().memory_info().rss / 2**30,
+           "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
     if torch.cuda.is_available():
         out["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -63,14 +66,8 @@ class MetricsLog:
             self.run = _wandb_run(output_dir, logging_cfg, config)
         if logging_cfg is not None and logging_cfg.tensorboard:
             self.writer = _summary_writer(output_dir / "tensorboard", first_step)
-        # A fresh run starts the file anew; a resumed one keeps the steps before it.
-        path = output_dir / "metrics.jsonl"
-        kept = []
-        if first_step > 1 and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] < first_step]
-        self.file = path.open("w", encoding="utf-8")
-        self.file.writelines(line + "\n" for line in kept)
+        self.file = _records_file(output_dir / "metrics.jsonl", first_step)
+        self.output_dir, self.first_step, self.samples_file = output_dir, first_step, None
         self.bar = tqdm(total=total_steps, initial=first_step - 1, desc=name, unit="step",
                         dynamic_ncols=True)
 
@@ -94,14 +91,35 @@ class MetricsLog:
         else:
             self.bar.refresh()
 
+    def samples(self, records: list[dict]) -> None:
+        """Sample records (each with its "step") to samples.jsonl, kept over a resume as metrics are."""
+        if self.samples_file is None:
+            self.samples_file = _records_file(self.output_dir / "samples.jsonl", self.first_step)
+        self.samples_file.writelines(json.dumps(r) + "\n" for r in records)
+        self.samples_file.flush()
+
     def close(self) -> None:
         self.bar.close()
         self.file.close()
+        if self.samples_file is not None:
+            self.samples_file.close()
         if self.writer is not None:
             self.writer.close()
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def _records_file(path: Path, first_step: int):
+    """A JSONL file of records by step, open for writing: a fresh run starts it anew, a resumed one
+    keeps the steps before it."""
+    kept = []
+    if first_step > 1 and path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] < first_step]
+    file = path.open("w", encoding="utf-8")
+    file.writelines(line + "\n" for line in kept)
+    return file
 
 
 def _summary_writer(log_dir: Path, first_step: int):

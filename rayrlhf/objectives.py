@@ -18,7 +18,6 @@ from rayrlhf.algorithms import (
     kl_estimate,
     pairwise_loss,
     policy_loss,
-    sft_nll,
     value_loss,
 )
 from rayrlhf.batch import Batch, build_batch
@@ -26,7 +25,7 @@ from rayrlhf.modeling import (
     pair_scores,
     policy_logprobs,
     policy_logprobs_and_entropy,
-    sft_logits,
+    sft_token_logprobs,
     to_device,
     token_values,
 )
@@ -194,8 +193,7 @@ class SFTObjective(Objective):
     @staticmethod
     def _nll(module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the response tokens, and their count."""
-        logits = sft_logits(module, batch)
-        return sft_nll(logits, batch["sequences"], batch["loss_mask"]).sum(), batch["loss_mask"][:, 1:].sum()
+        return -sft_token_logprobs(module, batch).sum(), batch["loss_mask"][:, 1:].sum()
 
 
 class PairwiseRewardObjective(Objective):

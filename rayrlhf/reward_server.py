@@ -44,7 +44,7 @@ class RewardModel:
         self.device = device
         self.lock = threading.Lock()
 
-    def score(self, prompts: list[str], responses: list[str], chat_template: bool = False) -> list[float]:
+    def score(self, prompts: list, responses: list[str], chat_template: bool = False) -> list[float]:
         """The reward at each response's last token, of the texts tokenised as an in-process reward
         model with its own tokenizer does (data.reward_model_batch)."""
         if not prompts:
@@ -57,14 +57,22 @@ class RewardModel:
         return scores.tolist()
 
 
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    role: str
+    content: str
+
+
 class ScoreRequest(BaseModel):
-    """POST /score: prompts, responses, and chat_template (optional, false: wrap each prompt in the
-    tokenizer's chat template as a user turn, as the run's data.chat_template does)."""
+    """POST /score: prompts (strings, or conversations: lists of {role, content} messages, which
+    go through the tokenizer's chat template), responses, and chat_template (optional, false: wrap
+    each string prompt in the chat template as a user turn, as the run's data.chat_template does)."""
 
     # Strict: 1 is not true nor 3 a string; a client sending them has a bug worth a 400.
     model_config = ConfigDict(strict=True)
 
-    prompts: list[str]
+    prompts: list[str | list[Message]]
     responses: list[str]
     chat_template: bool = False
 
@@ -90,6 +98,9 @@ def _parse_score_request(body: bytes) -> ScoreRequest:
             message = f"missing field '{field}'"
         elif field == "chat_template":
             message = "'chat_template' must be true or false"
+        elif field == "prompts":
+            message = "'prompts' must be a list of strings or of conversations ([{\"role\": ..., " \
+                      "\"content\": ...}])"
         else:
             message = f"'{field}' must be a list of strings"
         raise StarletteHTTPException(HTTPStatus.BAD_REQUEST, message) from None
@@ -138,8 +149,8 @@ def build_app(model: RewardModel, token: str = "") -> FastAPI:
         parsed = _parse_score_request(await request.body())
         try:
             # In a worker thread, so the event loop keeps taking requests while the model runs.
-            scores = await run_in_threadpool(model.score, parsed.prompts, parsed.responses,
-                                             parsed.chat_template)
+            prompts = [p if isinstance(p, str) else [m.model_dump() for m in p] for p in parsed.prompts]
+            scores = await run_in_threadpool(model.score, prompts, parsed.responses, parsed.chat_template)
         except Exception as err:  # noqa: BLE001 - any model failure becomes a 500 the client can retry
             return _reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"scoring failed: {err!r}"})
         return _reply(HTTPStatus.OK, {"scores": scores})
@@ -221,7 +232,7 @@ class RemoteRewardClient:
         self.retries = retries
         self.backoff_s = backoff_s
 
-    def score(self, prompts: list[str], responses: list[str], chat_template: bool = False) -> list[float]:
+    def score(self, prompts: list, responses: list[str], chat_template: bool = False) -> list[float]:
         reply = self._post({"prompts": list(prompts), "responses": list(responses),
                             "chat_template": chat_template})
         scores = reply.get("scores") if isinstance(reply, dict) else None

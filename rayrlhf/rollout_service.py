@@ -3,6 +3,7 @@ layout, the weights the engines hold, and the restarts of engines that die."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import ray
@@ -20,7 +21,8 @@ from rayrlhf.weight_channel import WeightChannel
 @dataclass
 class Rollout:
     batch: Batch
-    prompts: list[str]
+    # Each sample's prompt as the dataset gives it (a string or a conversation, data.Prompt.text).
+    prompts: list
     responses: list[str]
     # The prompts' dataset columns, one list per column, one entry per sample.
     fields: dict[str, list]
@@ -67,8 +69,13 @@ class RolloutService:
         """Sends the prompts to the engines and returns at once (the engines run their calls in
         order, so a weight sync sent later waits for this generation).
 
-        Sampling is seeded per prompt from (run seed, step, position), so it is reproducible."""
-        seeds = [(self.cfg.seed * 1_000_003 + step * 10_007 + i) % 2**31 for i in range(len(prompts))]
+        Sampling is seeded per prompt from (run seed, step, position), so it is reproducible. The
+        engine seeds a prompt's k-th sample with its seed + k, so the prompts' seeds are `rollout.n`
+        apart: no two samples of a step share a random stream (with neighbouring seeds, prompt i's
+        second sample drew prompt i+1's first one's numbers)."""
+        base = random.Random(f"{self.cfg.seed}:{step}").randrange(2**31)
+        spacing = self.cfg.rollout.n
+        seeds = [(base + i * spacing) % 2**31 for i in range(len(prompts))]
         n = len(self.engines.actors)
         shards = list(zip(split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n),
                           strict=True))

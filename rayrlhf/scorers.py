@@ -45,7 +45,7 @@ class ReferenceWorker:
 class RewardWorker:
     """The weighted sum of every configured reward source, one score per response.
 
-    Sources: a reward function (built-in or the user's file), HF reward models read at the last
+    Sources: reward functions (built-in or the user's file), HF reward models read at the last
     real token, and remote reward servers. A sample whose reward cannot be computed comes back
     as NaN with the reason, so the driver can stop naming it or drop it.
 
@@ -58,7 +58,9 @@ class RewardWorker:
     def __init__(self, reward_cfg, model_cfg, chat_template: bool):
         self.device = default_device()
         self.cfg, self.chat_template = reward_cfg, chat_template
-        self.function = load_reward_function(reward_cfg.function) if reward_cfg.function else None
+        specs = ([(reward_cfg.function, reward_cfg.function_weight)] if reward_cfg.function else []) + \
+            [(spec.function, spec.weight) for spec in reward_cfg.functions]
+        self.functions = [(name, weight, load_reward_function(name)) for name, weight in specs]
         policy_tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.path) if reward_cfg.models \
             else None
         self.models = [(spec.path, spec.weight,
@@ -69,15 +71,20 @@ class RewardWorker:
             spec.url, spec.token, reward_cfg.remote_timeout_s, reward_cfg.remote_retries))
             for spec in reward_cfg.remote]
 
-    def scores(self, batch: Batch, prompts: list[str], responses: list[str],
+    def scores(self, batch: Batch, prompts: list, responses: list[str],
                fields: dict[str, list]) -> dict:
         """{"scores": [B] (NaN where unusable), "reasons": {row: why}, "metrics": {name: [B]}}."""
         total = torch.zeros(len(prompts))
         reasons: dict[int, str] = {}
         metrics: dict[str, torch.Tensor] = {}
-        if self.function is not None:
-            values, metrics, reasons = self._call_function(prompts, responses, fields)
-            total += self.cfg.function_weight * values
+        for name, weight, function in self.functions:
+            values, own_metrics, own_reasons = self._call_function(name, function, prompts, responses, fields)
+            metrics.update(own_metrics)
+            if len(self.functions) > 1:
+                metrics[name] = values
+            for row, why in own_reasons.items():
+                reasons.setdefault(row, why)
+            total += weight * values
         for path, weight, model, tokenizer in self.models:
             inputs = batch if tokenizer is None else \
                 reward_model_batch(tokenizer, prompts, responses, self.chat_template)
@@ -98,10 +105,10 @@ class RewardWorker:
         for row in (~torch.isfinite(values)).nonzero().flatten().tolist():
             reasons.setdefault(row, f"{source} gave {values[row].item()}")
 
-    def _call_function(self, prompts, responses, fields) -> tuple[torch.Tensor, dict, dict[int, str]]:
-        name = self.cfg.function
+    def _call_function(self, name, function, prompts, responses, fields) -> tuple[torch.Tensor, dict,
+                                                                               dict[int, str]]:
         try:
-            out = self.function(prompts, responses, **fields)
+            out = function(prompts, responses, **fields)
             values, metrics = (out.pop("reward"), out) if isinstance(out, dict) else (out, {})
             if len(values) != len(prompts):
                 raise ValueError(f"returned {len(values)} values for {len(prompts)} samples")
@@ -112,16 +119,16 @@ class RewardWorker:
             if len(prompts) == 1:
                 return (torch.tensor([float("nan")]), {},
                         {0: f"reward function '{name}' failed: {type(err).__name__}: {err}"})
-            return self._call_one_by_one(prompts, responses, fields)
+            return self._call_one_by_one(name, function, prompts, responses, fields)
         reasons: dict[int, str] = {}
         self._note_non_finite(values, f"reward function '{name}'", reasons)
         return values, metrics, reasons
 
-    def _call_one_by_one(self, prompts, responses, fields):
+    def _call_one_by_one(self, name, function, prompts, responses, fields):
         """Score each sample alone, so a failure is pinned on the sample that causes it."""
         values, reasons, per_metric = [], {}, {}
         for row in range(len(prompts)):
-            one, metrics, why = self._call_function([prompts[row]], [responses[row]],
+            one, metrics, why = self._call_function(name, function, [prompts[row]], [responses[row]],
                                                     {k: [v[row]] for k, v in fields.items()})
             values.append(one)
             if why:

@@ -50,7 +50,7 @@ def build_tiny_model(path: str | Path, kind: str = "causal_lm", hidden_size: int
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=512, tie_word_embeddings=False,
+        max_position_embeddings=4096, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, num_labels=1,
     )
@@ -66,13 +66,19 @@ def build_tiny_model(path: str | Path, kind: str = "causal_lm", hidden_size: int
 
 
 def ensure_tiny_model(model_cfg, seed: int) -> Path:
-    """Build model.path as a tiny model of model.tiny_hidden_size x model.tiny_layers (heads of
-    32) unless an earlier run already did."""
+    """Build model.path as a random model of model.tiny_hidden_size x model.tiny_layers (heads of
+    32): the character-level Llama, or one of TEST_FAMILIES behind its real tokenizer
+    (model.tiny_family), unless an earlier run already did."""
     path = Path(model_cfg.path)
     if not (path / MARKER).exists():
-        print(f"building a tiny random model at {path}")
-        build_tiny_model(path, hidden_size=model_cfg.tiny_hidden_size, num_layers=model_cfg.tiny_layers,
-                         num_heads=model_cfg.tiny_hidden_size // 32, seed=seed)
+        family = model_cfg.tiny_family
+        print(f"building a tiny random {family or 'character-level Llama'} model at {path}")
+        if family:
+            build_test_model(path, family, hidden_size=model_cfg.tiny_hidden_size,
+                             num_layers=model_cfg.tiny_layers, seed=seed)
+        else:
+            build_tiny_model(path, hidden_size=model_cfg.tiny_hidden_size, num_layers=model_cfg.tiny_layers,
+                             num_heads=model_cfg.tiny_hidden_size // 32, seed=seed)
     return path
 
 
@@ -124,7 +130,8 @@ def build_test_model(path: str | Path, family: str, kind: str = "causal_lm", hid
     config = getattr(transformers, class_name)(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, num_labels=1, **settings)
     torch.manual_seed(seed)
     model_class = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
@@ -132,4 +139,6 @@ def build_test_model(path: str | Path, family: str, kind: str = "causal_lm", hid
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    (path / MARKER).write_text(json.dumps({"kind": kind, "family": family, "hidden_size": hidden_size,
+                                           "num_layers": num_layers, "seed": seed}))
     return path

@@ -238,6 +238,8 @@ def _check_function(cfg: DictConfig, key: str) -> None:
 
 def _check_reward(cfg: DictConfig) -> None:
     reward = cfg.reward
-    _check(bool(reward.function or reward.models or reward.remote), "reward",
-           "needs at least one source: reward.function, reward.models or reward.remote")
+    _check(bool(reward.function or reward.functions or reward.models or reward.remote), "reward",
+           "needs at least one source: reward.function, reward.functions, reward.models or reward.remote")
     _check_function(cfg, "reward.function")
+    for i in range(len(reward.functions)):
+        _check_function(cfg, f"reward.functions[{i}].function")

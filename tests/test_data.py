@@ -7,6 +7,7 @@ import pytest
 from rayrlhf.config import load_config
 from rayrlhf.data import PromptSampler, load_prompts
 from rayrlhf.errors import DataError
+from rayrlhf.modeling import load_tokenizer
 from rayrlhf.rewards import alphabet_reward
 from rayrlhf.tasks import alphabet_prompts
 from rayrlhf.tiny import build_tokenizer
@@ -83,3 +84,61 @@ def test_chat_template_wraps_each_prompt(tmp_path, tokenizer):
     path.write_text('{"prompt": "abc"}\n')
     prompts = load_prompts(data_cfg(path=str(path), chat_template="true"), tokenizer, 0)
     assert tokenizer.decode(prompts[0].token_ids) == "q: abc a:"
+
+
+CONVERSATION = [{"role": "system", "content": "Answer in \\boxed{}."},
+                {"role": "user", "content": "What is 2+3?"}]
+
+
+def test_conversational_prompts_go_through_the_real_chat_template(tmp_path, realistic_models):
+    """A conversation (system turn included) is rendered by the tokenizer's own template, with the
+    assistant turn opened; a string beside it is encoded as it is; both reach the reward as given."""
+    tokenizer = load_tokenizer(realistic_models("qwen2"))
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"prompt": CONVERSATION, "answer": "5"},
+                                                      {"prompt": "plain text", "answer": "7"}]))
+    chat, plain = load_prompts(data_cfg(path=str(path), max_prompt_tokens=256), tokenizer, 0)
+    expected = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    assert "Answer in \\boxed{}." in expected and "What is 2+3?" in expected
+    assert chat.token_ids == tokenizer(expected, add_special_tokens=False).input_ids
+    assert chat.text == CONVERSATION and chat.fields == {"answer": "5"}
+    assert plain.token_ids == tokenizer("plain text").input_ids and plain.text == "plain text"
+    # With data.chat_template a string is one user turn of the same template.
+    (wrapped,) = load_prompts(data_cfg(path=str(path), max_prompt_tokens=256, chat_template="true"),
+                              tokenizer, 0)[1:]
+    assert wrapped.token_ids == tokenizer(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "plain text"}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([{"role": "user"}], "field 'prompt' is a list but not a conversation"),
+    ([], "field 'prompt' is a list but not a conversation"),
+    (CONVERSATION, "the tokenizer has no chat template"),
+])
+def test_bad_conversations_fail_with_a_clear_message(tmp_path, prompt, message):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": prompt}))
+    with pytest.raises(DataError, match=message):
+        load_prompts(data_cfg(path=str(path)), build_tokenizer(), 0)
+
+
+def test_overlong_prompts_can_be_dropped_and_counted(tmp_path, tokenizer, capsys):
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": p, "n": i} for i, p in enumerate(["ab", "x" * 80, "cd"])]
+    path.write_text("\n".join(map(json.dumps, rows)))
+    prompts = load_prompts(data_cfg(path=str(path), overlong_prompts="drop"), tokenizer, 0)
+    assert [(p.text, p.fields["n"]) for p in prompts] == [("ab", 0), ("cd", 2)]
+    assert "left out 1 of 3 prompts over data.max_prompt_tokens=64" in capsys.readouterr().out
+    path.write_text(json.dumps({"prompt": "x" * 80}))
+    with pytest.raises(DataError, match="every one of the 1 prompts is over data.max_prompt_tokens=64"):
+        load_prompts(data_cfg(path=str(path), overlong_prompts="drop"), tokenizer, 0)
+
+
+def test_sampler_makes_full_passes_epoch_after_epoch(tokenizer):
+    """Batches that do not divide the dataset still see every prompt once per pass."""
+    prompts = load_prompts(data_cfg(synthetic_size=10), tokenizer, 0)
+    sampler = PromptSampler(prompts, 4, seed=1)
+    drawn = [p.text for _ in range(5) for p in sampler.next_batch()]  # 20 prompts: two passes
+    assert sorted(drawn[:10]) == sorted(drawn[10:]) == sorted(p.text for p in prompts)
+    assert drawn[:10] != drawn[10:]  # each pass reshuffled

@@ -9,12 +9,18 @@ import pytest
 import ray
 import torch
 
-from rayrlhf.algorithms import Sampling, policy_loss, response_mask, sft_nll, value_loss
+from rayrlhf.algorithms import Sampling, policy_loss, response_mask, value_loss
 from rayrlhf.batch import build_batch
 from rayrlhf.cluster import wait
 from rayrlhf.config import load_config
 from rayrlhf.data import sft_batch
-from rayrlhf.modeling import load_causal_lm, load_scalar_model, policy_logprobs, sft_logits, token_values
+from rayrlhf.modeling import (
+    load_causal_lm,
+    load_scalar_model,
+    policy_logprobs,
+    sft_token_logprobs,
+    token_values,
+)
 from rayrlhf.supervised import held_out_metrics
 from rayrlhf.system import trainer_group
 
@@ -89,7 +95,7 @@ def minibatch_gradients(role, batch, cfg, model_path):
     torch.manual_seed(cfg.seed)
     model = (load_causal_lm if role in ("actor", "sft") else load_scalar_model)(model_path, "float32")
     if role == "sft":
-        nll = sft_nll(sft_logits(model, batch), batch["sequences"], batch["loss_mask"]).sum()
+        nll = -sft_token_logprobs(model, batch).sum()
         loss = nll / batch["loss_mask"][:, 1:].sum()
     elif role == "actor":
         logprobs = policy_logprobs(model, batch, Sampling.of(cfg.rollout))
@@ -127,8 +133,7 @@ def test_zero3_evaluation_with_shares_a_micro_batch_apart(trainers, tiny_policy)
     batch = sft_batch(examples, pad_id=0)
     metrics = held_out_metrics("sft", group, batch, timeout_s=120)
     with torch.no_grad():
-        logits = sft_logits(load_causal_lm(tiny_policy, "float32"), batch)
-        nll = sft_nll(logits, batch["sequences"], batch["loss_mask"]).sum()
+        nll = -sft_token_logprobs(load_causal_lm(tiny_policy, "float32"), batch).sum()
     expected = nll / batch["loss_mask"][:, 1:].sum()
     assert metrics["eval/loss"] == pytest.approx(expected.item(), rel=1e-5)
 

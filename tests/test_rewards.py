@@ -11,6 +11,7 @@ from rayrlhf.config import load_config
 from rayrlhf.driver import apply_rewards
 from rayrlhf.errors import RewardError
 from rayrlhf.modeling import load_scalar_model, sequence_scores
+from rayrlhf.rewards import BUILTIN
 from rayrlhf.rollout_service import Rollout
 from rayrlhf.scorers import RewardWorker
 from rayrlhf.tiny import build_tokenizer
@@ -117,8 +118,23 @@ def test_a_reward_model_of_another_tokenizer_scores_its_own_tokens_as_the_server
     with torch.no_grad():
         expected = sequence_scores(load_scalar_model(rm, "float32").eval(), own)
     assert torch.allclose(out["scores"], expected, atol=1e-5)
+    # Conversations (a system turn first) reach the model's template as they are, here and remote.
+    conversations = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": p}]
+                     for p in PROMPTS]
+    if chat_template:
+        chats = worker(f"model.path={tiny_policy}", "reward.function=", f"reward.models=[{{path: {rm}}}]"
+                       ).scores(policy_batch, conversations, RESPONSES, {})["scores"]
+        own_chats = reward_model_batch(rm_tokenizer, conversations, RESPONSES, False)
+        first = own_chats["sequences"][0][own_chats["attention_mask"][0].bool()]
+        assert first.tolist()[:3] == rm_tokenizer("[system] be brief").input_ids[:3]
+        with torch.no_grad():
+            assert torch.allclose(chats, sequence_scores(load_scalar_model(rm, "float32").eval(), own_chats),
+                                  atol=1e-5)
     with make_server(rm) as server:
         remote = RemoteRewardClient(server.url).score(PROMPTS, RESPONSES, chat_template)
+        if chat_template:
+            remote_chats = RemoteRewardClient(server.url).score(conversations, RESPONSES)
+            assert torch.allclose(torch.tensor(remote_chats), chats, atol=1e-5)
     assert torch.allclose(torch.tensor(remote), expected, atol=1e-5)
 
 
@@ -148,3 +164,48 @@ def test_skip_invalid_drops_the_sample_and_counts_it():
     assert metrics["reward/mean"] == 0.5
     assert rollout.batch["mask"][1].sum() == 0 and rollout.batch["mask"][0].sum() == 4
     assert rollout.batch["scores"].tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("response, reference, correct", [
+    ("so the total is \\boxed{\\frac{1}{2}}", "0.5", True),
+    ("She sold 48 + 24 = 72 clips.\n#### 72", "Natalia sold 48/2 = 24 clips in May.\n#### 72", True),
+    ("That makes 1,000 in all.", "1000", True),  # the last number
+    ("first \\boxed{3}, then on reflection \\boxed{x(x+2)}", "The answer is $\\boxed{x^2+2x}$.", True),
+    ("It costs \\boxed{\\$18}.", "18", True),
+    ("\\boxed{73}", "#### 72", False),
+    ("I do not know.", "72", False),  # no answer at all
+    ("\\boxed{Monday}", "Monday", True),  # math-verify parses nothing: the strings compare
+])
+def test_math_reward_extracts_the_final_answer_and_checks_equivalence(response, reference, correct):
+    out = BUILTIN["math"](["q"], [response], answer=[reference])
+    assert out["reward"] == [float(correct)]
+    assert out["math_answered"] == [float(response != "I do not know.")]
+
+
+def test_math_reward_finds_the_reference_in_the_usual_columns():
+    math_reward = BUILTIN["math"]
+    assert math_reward(["q"], ["\\boxed{4}"], solution=["so $2+2=\\boxed{4}$"])["reward"] == [1.0]
+    assert math_reward(["q"], ["4"], reward_model=[{"ground_truth": "4", "style": "rule"}])["reward"] == [1.0]
+    out = worker("reward.function=math").scores(None, ["q"], ["4"], {"label": ["4"]})
+    assert "needs the reference answer in a column named answer, solution, ground_truth" in out["reasons"][0]
+
+
+@pytest.mark.parametrize("response, score", [
+    ("<think>2+2 is 4</think> The answer is \\boxed{4}.", 1.0),
+    ("\\boxed{4}", 1.0),
+    ("<think>2+2 is \\boxed{4}", 0.0),  # the answer inside an unclosed thought
+    ("<think>hm</think> \\boxed{}", 0.0),
+    ("4", 0.0),
+])
+def test_format_reward(response, score):
+    assert BUILTIN["format"](["q"], [response]) == [score]
+
+
+def test_functions_combine_with_weights_and_each_is_logged():
+    responses = ["<think>ok</think> \\boxed{5}", "\\boxed{6}", "5"]
+    out = worker("reward.function=math", "reward.functions=[{function: format, weight: 0.1}]").scores(
+        None, ["q"] * 3, responses, {"answer": ["5", "5", "5"]})
+    assert torch.allclose(out["scores"], torch.tensor([1.1, 0.1, 1.0]))
+    assert out["metrics"]["math"].tolist() == [1.0, 0.0, 1.0]
+    assert out["metrics"]["format"].tolist() == [1.0, 1.0, 0.0]
+    assert out["metrics"]["math_answered"].tolist() == [1.0, 1.0, 1.0]

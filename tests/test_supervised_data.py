@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from rayrlhf.algorithms import pairwise_loss, sft_nll
+from rayrlhf.algorithms import pairwise_loss
 from rayrlhf.config import load_config
 from rayrlhf.data import load_supervised, pack, preference_batch, sft_batch
 from rayrlhf.errors import DataError
@@ -25,13 +25,21 @@ def stage_data_cfg(stage, **overrides):
                        stage=stage)[stage].data
 
 
-def test_sft_loss_covers_response_tokens_only():
+def test_sft_loss_covers_response_tokens_only(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rayrlhf.modeling import sft_token_logprobs
+    from rayrlhf.tiny import build_tiny_model
+
     batch = sft_batch([[([5, 6], [7, 8, 2])]], pad_id=0)
     assert batch["sequences"].tolist() == [[5, 6, 7, 8, 2]]
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 1]]
-    # Uniform logits over 4 tokens: every predicted token costs ln 4, prompt tokens cost nothing.
-    nll = sft_nll(torch.zeros(1, 5, 4), batch["sequences"].clamp(max=3), batch["loss_mask"])
-    assert torch.allclose(nll, torch.log(torch.tensor(4.0)) * torch.tensor([[0.0, 1, 1, 1]]))
+    # A zero LM head gives uniform logits over the V tokens: each of the 3 response tokens is
+    # scored, at ln(1 / V); the prompt tokens are not.
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m"))
+    torch.nn.init.zeros_(model.lm_head.weight)
+    logprobs = sft_token_logprobs(model, batch)
+    assert torch.allclose(logprobs, -torch.log(torch.tensor(float(model.config.vocab_size))).repeat(3))
 
 
 def test_packed_rows_restart_positions_and_number_the_examples():
@@ -47,7 +55,7 @@ def test_packed_rows_restart_positions_and_number_the_examples():
 def test_packing_gives_the_same_loss_as_one_example_per_row(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rayrlhf.modeling import sft_logits
+    from rayrlhf.modeling import sft_token_logprobs
     from rayrlhf.tiny import build_tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m")).eval()
@@ -55,7 +63,7 @@ def test_packing_gives_the_same_loss_as_one_example_per_row(tmp_path):
 
     def total_nll(batch):
         with torch.no_grad():
-            return sft_nll(sft_logits(model, batch), batch["sequences"], batch["loss_mask"]).sum()
+            return -sft_token_logprobs(model, batch).sum()
 
     packed = sft_batch(pack(examples, max_tokens=16), pad_id=0)
     assert packed["sequences"].shape[0] == 1
