@@ -90,26 +90,31 @@ def stopping_model(source: str, target) -> str:
 
 
 def test_grpo_on_a_chat_dataset_with_the_math_reward_and_long_responses(tmp_path, ray_cluster,
-                                                                        realistic_models):
+                                                                        realistic_models, capsys):
     """GRPO as users run it on GSM8K-style data: conversations with a system turn through the real
     131k-token tokenizer's chat template, the math reward (with the format one at 0.1) reading the
     dataset's answer column, and responses of up to 1,024 tokens, some stopped at EOS and some
-    cut. Engine and trainer agree on every token's log-prob, and the logged rewards are the math
-    reward's verdict on the logged responses."""
+    cut; a row over data.max_prompt_tokens is left out and counted. Engine and trainer agree on
+    every token's log-prob, and the logged rewards are the math reward's verdict on the logged
+    responses."""
     rows = [{"prompt": [{"role": "system", "content": "Think, then put the final answer in \\boxed{}."},
                         {"role": "user", "content": f"What is {a} + {b}?"}],
              "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a, b in [(2, 3), (10, 7), (41, 1), (6, 6)]]
+    too_long = {"prompt": [{"role": "user", "content": "What is " + " + ".join(["1"] * 100) + "?"}],
+                "answer": "100"}
     data = tmp_path / "gsm.jsonl"
-    data.write_text("\n".join(map(json.dumps, rows)))
+    data.write_text("\n".join(map(json.dumps, [*rows[:2], too_long, *rows[2:]])))
     model = stopping_model(realistic_models("qwen2"), tmp_path / "policy")
     max_new = 1024
     history = run(tmp_path, "math", model, f"data.path={data}", "data.max_prompt_tokens=128",
+                  "data.overlong_prompts=drop",
                   f"rollout.max_new_tokens={max_new}", "rollout.n=4", "algorithm.estimator=grpo",
                   "trainer.total_steps=1", "algorithm.ppo_epochs=1", "algorithm.kl_coef=0",
                   "algorithm.train_batch_size=16", "actor.micro_batch_size=4",
                   "actor.packing=true", "reward.function=math",
                   "reward.functions=[{function: format, weight: 0.1}]", "logging.samples_per_step=16")
     (metrics,) = history
+    assert "left out 1 of 5 prompts over data.max_prompt_tokens=128" in capsys.readouterr().out
     assert metrics["sync/logprob_gap_mean"] < 1e-5 and metrics["sync/logprob_gap_max"] < 1e-4, metrics
     assert 0 <= metrics["reward/math_answered"] <= 1 and "reward/format" in metrics
     samples = [json.loads(line) for line in (tmp_path / "math" / "samples.jsonl").read_text().splitlines()]
