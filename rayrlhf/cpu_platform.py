@@ -217,10 +217,15 @@ def read_packed_weights_in_place(worker, shared: torch.Tensor, plan: list[list[P
 def _looked_up_weights(model: torch.nn.Module) -> set[int]:
     """ids of the weights that embedding lookups read as they are (with tied embeddings, the LM
     head's weight too), never through a packed copy."""
+    return {id(m.weight) for m in _input_embeddings(model)}
+
+
+def _input_embeddings(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's vocabulary embeddings other than its LM heads."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
-    return {id(m.weight) for m in model.modules()
-            if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+    return [m for m in model.modules()
+            if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
 
 
 @torch.no_grad()
@@ -266,8 +271,5 @@ def _unused_packed_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Input embeddings, whose packed copy (vLLM packs every embedding as if it were a head) nothing
     computes with: the lookup reads the plain weight. Re-packing a 131k x 256 one took 40 ms of a
     105 ms sync; with tied embeddings the LM head's own copy is re-packed all the same."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-
     head = getattr(model, "lm_head", None)
-    return [m for m in model.modules()
-            if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead) and m is not head]
+    return [m for m in _input_embeddings(model) if m is not head]
