@@ -202,11 +202,18 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str,
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
                   kl_coef: float) -> torch.Tensor:
-    """r_i = -beta * kl_i on every valid token, plus the sequence score on the last one."""
+    """r_i = -beta * kl_i on every valid token, plus the sequence score on the last one (a
+    multi-turn mask has gaps where observations are: the last valid token is the model's last)."""
     rewards = -kl_coef * kl * mask
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    last = last_valid(mask)
     rewards[torch.arange(rewards.shape[0]), last] += scores
     return rewards
+
+
+def last_valid(mask: torch.Tensor) -> torch.Tensor:
+    """[B] the column of each row's last valid token (0 for a row without one)."""
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask > 0, columns, 0).amax(dim=1)
 
 
 @torch.no_grad()

@@ -31,6 +31,8 @@ class ModelConfig:
     # (rayrlhf.tiny.TEST_FAMILIES) behind its real tokenizer: qwen2 and mistral 131k tokens
     # (tekken), qwen3 32k.
     tiny_family: str = rule("", one_of=("", *TEST_FAMILIES))
+    # Add the characters of tool calls (<>{}_[]) to the character vocabulary (conf/tiny_agent.yaml).
+    tiny_tool_chars: bool = False
     dtype: str = rule("float32", one_of=("float32", "bfloat16", "float16"))
     # The fp32 CPU products of the trained and scoring models' linear layers: onednn (x86), torch
     # (its BLAS, MKL), or auto: oneDNN on AMD CPUs, where MKL runs its AVX2 path (oneDNN about 2x
@@ -93,6 +95,24 @@ class RolloutConfig:
     # batches) and compiles the model on CPU (generation of the CPU bench model 10-30% faster,
     # for 40-75 s more start-up per engine on 2 cores); true starts in seconds.
     enforce_eager: bool = True
+    # Multi-turn rollouts: an environment (rayrlhf.agent), path/to/file.py:ClassName or the built-in
+    # `tools` (the tool calls of a turn answered by the functions of `tools`); empty: one response
+    # per sample. Each turn is its own engine request of at most max_new_tokens.
+    env: str = ""
+    # Model turns per trajectory at most, and its response tokens (the model's and the
+    # observations') at most; 0 is max_turns x max_new_tokens.
+    max_turns: int = rule(4, ge=1)
+    max_total_tokens: int = rule(0, ge=0)
+    # Environment steps running at once in an engine; a step running past env_timeout_s fails.
+    env_concurrency: int = rule(16, ge=1)
+    env_timeout_s: float = rule(60.0, gt=0)
+    # An environment that raises or times out: error stops the run naming the trajectory; skip
+    # drops the trajectory from training and counts it (rollout/env_failures).
+    env_errors: str = rule("error", one_of=("error", "skip"))
+    # rollout.env=tools: a built-in tool set (calculator) or a Python file whose public functions are
+    # the tools, and each call's time limit.
+    tools: str = ""
+    tool_timeout_s: float = rule(10.0, gt=0)
 
 
 @dataclass

@@ -26,6 +26,8 @@ class Prompt:
     token_ids: list[int]
     # The row's other columns, passed to a reward function as keyword lists.
     fields: dict = field(default_factory=dict)
+    # Where it comes from: its row in the dataset file (or the built-in task's list).
+    row: int = -1
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -146,7 +148,7 @@ def load_prompts(data_cfg, tokenizer, seed: int, path: str | None = None, size: 
             overlong += 1
             continue
         fields = {k: v for k, v in rows[i].items() if k != data_cfg.prompt_field} if rows else {}
-        prompts.append(Prompt(text, ids, fields))
+        prompts.append(Prompt(text, ids, fields, i))
     if overlong:
         print(f"left out {overlong} of {len(texts)} prompts over data.max_prompt_tokens={limit} "
               "(data.overlong_prompts=drop)", flush=True)
@@ -179,7 +181,8 @@ def _text_field(row, name: str, where: str, key: str, allow_empty: bool = False)
 
 @dataclass
 class SupervisedData:
-    # (prompt_ids, response_ids, ...) per example; each response ends with EOS unless truncated.
+    # (prompt_ids, response_ids, trained) per SFT example (trained: 1 on the response tokens the loss
+    # predicts), (prompt_ids, chosen_ids, rejected_ids) per pair; responses end with EOS unless cut.
     train: list[tuple[list[int], ...]]
     eval: list[tuple[list[int], ...]]
     # Examples dropped or changed, by reason (train and held-out together).
@@ -237,14 +240,22 @@ def _encode(rows: list, fields: tuple[str, ...], keys: tuple[str, ...], stage: s
         prompt = encode_prompts(tokenizer, [_prompt_field(row, data_cfg.prompt_field, where,
                                                           f"{stage}.data.prompt_field")],
                                 data_cfg.chat_template)[0]
-        texts = [_text_field(row, f, where, f"{stage}.data.{k}", allow_empty=True)
-                 for f, k in zip(fields, keys, strict=True)]
-        if not all(t.strip() for t in texts):
-            counts["empty_response"] += 1
-            continue
+        if stage == "sft":
+            chat = data_cfg.chat_template or isinstance(row.get(data_cfg.prompt_field), list)
+            response, trained = _sft_response(row, fields[0], where, data_cfg, tokenizer, chat)
+            if response is None:
+                counts["empty_response"] += 1
+                continue
+            responses = [response]
+        else:
+            texts = [_text_field(row, f, where, f"{stage}.data.{k}", allow_empty=True)
+                     for f, k in zip(fields, keys, strict=True)]
+            if not all(t.strip() for t in texts):
+                counts["empty_response"] += 1
+                continue
+            responses = [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                         for t in texts]
         room = data_cfg.max_tokens - len(prompt)
-        eos = [tokenizer.eos_token_id]
-        responses = [tokenizer(t, add_special_tokens=False).input_ids + eos for t in texts]
         if room < 1 or (data_cfg.overlong == "drop" and max(map(len, responses)) > room):
             counts["overlong_dropped"] += 1
             continue
@@ -254,31 +265,70 @@ def _encode(rows: list, fields: tuple[str, ...], keys: tuple[str, ...], stage: s
         if len(responses) == 2 and responses[0] == responses[1]:
             counts["identical_pair"] += 1
             continue
-        examples.append((prompt, *responses))
+        examples.append((prompt, *responses, trained[:room]) if stage == "sft" else (prompt, *responses))
     return examples
 
 
-# An SFT example: prompt token ids, response token ids.
-Example = tuple[list[int], list[int]]
+def _sft_response(row: dict, name: str, where: str, data_cfg, tokenizer, chat: bool
+                  ) -> tuple[list[int] | None, list[int] | None]:
+    """An SFT response's token ids and which of them are trained on: a string (every token and
+    EOS), or the turns of a multi-turn demonstration, a list of messages that ends with the
+    assistant's: the assistant's tokens (each turn closed by EOS) are trained on, the others
+    (tool results, user turns) are laid out as a rollout's observations are (agent.
+    ObservationEncoder) and are not. (None, None) for an empty response."""
+    from rayrlhf.agent import ObservationEncoder
+
+    value = row.get(name) if isinstance(row, dict) else None
+    eos = tokenizer.eos_token_id
+    if not isinstance(value, list):
+        text = _text_field(row, name, where, f"sft.data.{name}", allow_empty=True)
+        if not text.strip():
+            return None, None
+        ids = tokenizer(text, add_special_tokens=False).input_ids + [eos]
+        return ids, [1] * len(ids)
+    turns = _prompt_field(row, name, where, f"sft.data.{name}")
+    if turns[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the multi-turn response '{name}' must end with an assistant message")
+    encoder, ids, trained = ObservationEncoder(tokenizer), [], []
+    for i, message in enumerate(turns):
+        if message["role"] == "assistant":
+            # A templateless turn ends at EOS only where the demonstration ends (a tool call ends
+            # at its own text, as a rollout's turn ends at its stop string).
+            closes = chat or i == len(turns) - 1
+            part = tokenizer(message["content"], add_special_tokens=False).input_ids
+            part += [eos] if closes else []
+            ids += part
+            trained += [1] * len(part)
+        else:
+            part = encoder.encode(message, chat, ended_with_eos=bool(ids) and ids[-1] == eos)
+            ids += part
+            trained += [0] * len(part)
+    return ids, trained
+
+
+# An SFT example: prompt token ids, response token ids and, optionally, 1 on the response tokens
+# trained on (all of them without it).
+Example = tuple[list[int], ...]
 
 
 def sft_batch(rows: list[list[Example]], pad_id: int) -> Batch:
     """Rows of one or more (prompt, response) examples each (several when packed), right-padded.
 
-    `loss_mask` marks the tokens the loss predicts (response tokens only); `segment_ids` number
+    `loss_mask` marks the tokens the loss predicts (response tokens the example trains on: a
+    multi-turn demonstration's tool results are not); `segment_ids` number
     the examples of a row from 1 (0 is padding), so attention can stay within an example, and
     positions restart at each example.
     """
-    width = max(sum(len(p) + len(r) for p, r in row) for row in rows)
+    width = max(sum(len(e[0]) + len(e[1]) for e in row) for row in rows)
     tensors = {k: torch.zeros(len(rows), width, dtype=torch.long)
                for k in ("sequences", "loss_mask", "segment_ids", "position_ids")}
     tensors["sequences"].fill_(pad_id)
     for i, row in enumerate(rows):
         at = 0
-        for segment, (prompt, response) in enumerate(row, 1):
+        for segment, (prompt, response, *trained) in enumerate(row, 1):
             n = len(prompt) + len(response)
             tensors["sequences"][i, at:at + n] = torch.tensor(prompt + response)
-            tensors["loss_mask"][i, at + len(prompt):at + n] = 1
+            tensors["loss_mask"][i, at + len(prompt):at + n] = torch.tensor(trained[0]) if trained else 1
             tensors["segment_ids"][i, at:at + n] = segment
             tensors["position_ids"][i, at:at + n] = torch.arange(n)
             at += n
@@ -287,7 +337,7 @@ def sft_batch(rows: list[list[Example]], pad_id: int) -> Batch:
 
 def pack(examples: list[Example], max_tokens: int) -> list[list[Example]]:
     """First-fit decreasing: examples grouped into rows of at most `max_tokens` tokens."""
-    groups = first_fit([len(prompt) + len(response) for prompt, response in examples], max_tokens)
+    groups = first_fit([len(e[0]) + len(e[1]) for e in examples], max_tokens)
     return [[examples[i] for i in group] for group in groups]
 
 

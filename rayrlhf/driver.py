@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from rayrlhf import algorithms as alg
+from rayrlhf.agent import environment_class
 from rayrlhf.batch import Batch
 from rayrlhf.checkpoint import (
     PPO_RESUME_KEYS,
@@ -26,7 +27,7 @@ from rayrlhf.checkpoint import (
 )
 from rayrlhf.cluster import start_ray
 from rayrlhf.data import PromptSampler, load_prompts
-from rayrlhf.errors import Interrupted, RayRLHFError, RewardError
+from rayrlhf.errors import EnvironmentFailure, Interrupted, RayRLHFError, RewardError
 from rayrlhf.metrics import MetricsLog, StageTimer
 from rayrlhf.modeling import check_model_path, load_tokenizer
 from rayrlhf.rewards import load_reward_function
@@ -207,6 +208,8 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
     statistics reward.normalize uses (ReMax's greedy baseline is scaled as the samples are).
     """
     scores, reasons, batch = rewards["scores"], rewards["reasons"], rollout.batch
+    if "env_scores" in batch.tensors:  # the environment's summed step rewards: one more source
+        scores = scores + batch["env_scores"]
     if reasons and (not reward_cfg.skip_invalid or len(reasons) == len(scores)):
         row = min(reasons)
         hint = "every sample of the batch failed" if reward_cfg.skip_invalid else \
@@ -215,6 +218,11 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
                           f"the batch; {hint}); prompt {str(rollout.prompts[row])[:80]!r}, "
                           f"response {rollout.responses[row][:80]!r}")
     valid = torch.isfinite(scores)
+    if "env_failed" in batch.tensors:  # rollout.env_errors=skip: trajectories dropped, and counted
+        valid &= batch["env_failed"] == 0
+        if not valid.any():
+            raise EnvironmentFailure("the environment failed on every trajectory of the batch "
+                                     "(rollout.env_errors=skip); see the engines' log")
     raw = scores.nan_to_num(0.0)
     batch["valid"], batch["raw_scores"] = valid.float(), raw
     batch["mask"] = batch["mask"] * batch["valid"][:, None]
@@ -228,6 +236,18 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
                "reward/invalid": float(len(reasons))}
     for key, values in rewards["metrics"].items():
         metrics[f"reward/{key}"] = values[valid].nanmean().item()
+    return metrics | environment_metrics(rollout, "rollout")
+
+
+def environment_metrics(rollout: Rollout, prefix: str) -> dict[str, float]:
+    """With rollout.env: the trajectories' mean turns (<prefix>/turns_mean), seconds in environment
+    steps, the environment's own metrics (e.g. tool_calls), and the failures dropped."""
+    if "env_failed" not in rollout.batch.tensors:
+        return {}
+    metrics = {f"{prefix}/env_failures": rollout.batch["env_failed"].sum().item()}
+    for key, values in rollout.env_metrics.items():
+        name = "turns_mean" if key == "turns" else key
+        metrics[f"{prefix}/{name}"] = torch.tensor(values).nanmean().item()
     return metrics
 
 
@@ -299,17 +319,20 @@ class Evaluator:
     def __call__(self, system: RLHFSystem, step: int) -> dict[str, float]:
         rollout = system.rollout.generate(self.prompts, step, greedy=self.cfg.greedy)
         rewards = system.rewards(rollout)
-        valid = torch.isfinite(rewards["scores"])
-        mean = rewards["scores"][valid].mean().item() if valid.any() else float("nan")
+        scores = rewards["scores"] + rollout.batch.tensors.get("env_scores", 0.0)
+        valid = torch.isfinite(scores)
+        mean = scores[valid].mean().item() if valid.any() else float("nan")
         metrics = {"eval/reward_mean": mean,
                    "eval/invalid": float((~valid).sum()),
-                   "eval/response_length_mean": rollout.batch["response_lengths"].float().mean().item()}
+                   "eval/response_length_mean": rollout.batch["response_lengths"].float().mean().item(),
+                   **environment_metrics(rollout, "eval")}
         for key, values in rewards["metrics"].items():
             metrics[f"eval/{key}"] = values[valid].nanmean().item()
         if self.rule is not None:
-            scores = self.rule(rollout.prompts, rollout.responses, **rollout.fields)
-            scores = scores["reward"] if isinstance(scores, dict) else scores
+            out = self.rule(rollout.prompts, rollout.responses, **rollout.fields)
+            scores, extra = (out.pop("reward"), out) if isinstance(out, dict) else (out, {})
             metrics["eval/rule_score"] = sum(scores) / len(scores)
+            metrics |= {f"eval/{key}": sum(values) / len(values) for key, values in extra.items()}
         return metrics
 
 
@@ -344,6 +367,8 @@ def prepare_models(cfg: DictConfig):
     functions = [cfg.reward.function, *(spec.function for spec in cfg.reward.functions), cfg.eval.function]
     for name in filter(None, functions):
         load_reward_function(name)  # fails here, before any actor starts
+    if cfg.rollout.env:
+        environment_class(cfg.rollout)  # fails here too
     if cfg.model.build_tiny:
         ensure_tiny_model(cfg.model, cfg.seed)
     checks = {f"reward.models[{i}].path": spec.path for i, spec in enumerate(cfg.reward.models)}

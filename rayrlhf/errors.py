@@ -17,6 +17,10 @@ class RewardError(RayRLHFError):
     pass
 
 
+class EnvironmentFailure(RayRLHFError):
+    """A rollout environment (rollout.env) that cannot be loaded, raised or timed out."""
+
+
 class Interrupted(RayRLHFError):
     """SIGINT/SIGTERM: the run saved a checkpoint and stopped; exit code 128 + signal number."""
 

@@ -11,6 +11,9 @@ characters that follow their predecessor (the prompt's last letter for the first
 ALPHABET_TARGET_LEN, so in [0, 1]; a random tiny model scores about 0.02, a policy that has learnt
 the successor map close to 1. `alphabet_exact` is the task's accuracy: exactly the right answer.
 
+For the built-in task `calculator`: `calculator_exact` is 1.0 when what follows the last tool
+response is exactly the product (it logs used_tool: whether the response called a tool).
+
 For verifiable tasks (math datasets such as GSM8K or MATH):
 - `math`: 1.0 when the response's final answer equals the reference answer, else 0.0. The final
   answer is the last `\boxed{...}`, else what follows the last `####` (GSM8K), else the last
@@ -32,8 +35,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from rayrlhf.errors import RewardError
-from rayrlhf.tasks import ANSWER_LEN, LETTERS, alphabet_answer, last_letter, successor
+from rayrlhf.errors import RayRLHFError, RewardError
+from rayrlhf.tasks import ANSWER_LEN, LETTERS, alphabet_answer, calculator_answer, last_letter, successor
 
 ALPHABET_TARGET_LEN = ANSWER_LEN
 
@@ -135,8 +138,17 @@ def answer_format(prompts: list, responses: list[str], **fields) -> list[float]:
     return [format_reward(r) for r in responses]
 
 
+def calculator_exact(prompts: list[str], responses: list[str], **fields) -> dict[str, list[float]]:
+    """The calculator task's accuracy: 1 when what follows the last tool response (the whole
+    response without one) is exactly the product; logs used_tool, the share that called a tool."""
+    answers = [r.rsplit("</tool_response>", 1)[-1].strip() for r in responses]
+    return {"reward": [float(a == calculator_answer(p)) for p, a in zip(prompts, answers, strict=True)],
+            "used_tool": [float("<tool_call>" in r) for r in responses]}
+
+
 BUILTIN: dict[str, Callable[..., list[float]]] = {"alphabet": alphabet, "alphabet_exact": alphabet_exact,
-                                                  "math": math_answer, "format": answer_format}
+                                                  "math": math_answer, "format": answer_format,
+                                                  "calculator_exact": calculator_exact}
 
 
 def load_reward_function(spec: str) -> Callable[..., list[float]]:
@@ -148,14 +160,21 @@ def load_reward_function(spec: str) -> Callable[..., list[float]]:
     if not path.endswith(".py") or not Path(path).is_file():
         raise RewardError(f"reward.function '{spec}': no built-in of that name ({', '.join(BUILTIN)}) "
                           f"and no Python file {path}")
-    module_spec = importlib.util.spec_from_file_location(f"rayrlhf_user_reward_{Path(path).stem}", path)
+    function = getattr(load_from_file("reward.function", path, spec), name, None)
+    if not callable(function):
+        raise RewardError(f"reward.function '{spec}': {path} has no function '{name}'")
+    return function
+
+
+def load_from_file(key: str, path: str, spec: str | None, error: type[RayRLHFError] = RewardError):
+    """The user's Python file `path` (named by config key `key` as `spec`), imported as a module."""
+    where = f"{key} '{spec or path}'"
+    if not path.endswith(".py") or not Path(path).is_file():
+        raise error(f"{where}: no Python file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"rayrlhf_user_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - the user's module failed to import
-        raise RewardError(f"reward.function '{spec}': importing {path} failed: "
-                          f"{type(err).__name__}: {err}") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise RewardError(f"reward.function '{spec}': {path} has no function '{name}'")
-    return function
+        raise error(f"{where}: importing {path} failed: {type(err).__name__}: {err}") from None
+    return module

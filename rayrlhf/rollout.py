@@ -9,7 +9,7 @@ new file with a class implementing these methods, and a line here.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # rollout.engine -> "module:class", imported only by the run that uses it.
 ENGINES = {"vllm": "rayrlhf.vllm_engine:VLLMEngine"}
@@ -22,6 +22,14 @@ class Sample:
     # False when the response hit max_new_tokens without EOS (truncated, not finished).
     finished: bool
     text: str
+    # Multi-turn (rollout.env): 1 on the model's tokens, 0 on the observations appended between its
+    # turns (their log-probs are 0); None when every token is the model's.
+    action_mask: list[int] | None = None
+    # The environment's step rewards summed, its metrics (turns, env_seconds, the environment's
+    # own), and why it failed on this trajectory (with rollout.env_errors=skip) or None.
+    env_reward: float = 0.0
+    env_metrics: dict[str, float] = field(default_factory=dict)
+    env_error: str | None = None
 
 
 class RolloutEngine:
@@ -34,10 +42,14 @@ class RolloutEngine:
     generation applies to the generations sent after it."""
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None,
-                 greedy: bool = False) -> list[list[Sample]]:
+                 rows: list[dict] | None = None, greedy: bool = False) -> list[list[Sample]]:
         """`rollout.n` samples per prompt (one greedy response when `greedy`), token ids in and
         out. `seeds[i]` seeds prompt i's sampling, so a rollout is a function of (weights, prompt,
-        seed) alone and a resumed run samples what the uninterrupted one did."""
+        seed) alone and a resumed run samples what the uninterrupted one did.
+
+        With rollout.env, each sample is a trajectory of turns (agent.EpisodeRunner), each turn its
+        own request: `rows[i]` is prompt i's {"prompt", "fields", "chat", "row"} (the dataset's prompt,
+        other columns and row, and whether it went through the chat template)."""
         raise NotImplementedError
 
     # The weight transports (weight_sync): an engine joins one of them at start-up, then every
@@ -63,6 +75,15 @@ class RolloutEngine:
         """Releases the accelerator memory of the KV cache and the weights for colocated
         trainers, until the next receive_weights."""
         raise NotImplementedError
+
+
+def response_budget(rollout_cfg) -> int:
+    """Response tokens of a sample at most: max_new_tokens for one turn; with an environment,
+    rollout.max_total_tokens (model and observation tokens of every turn), 0 meaning max_turns x
+    max_new_tokens."""
+    if not rollout_cfg.env:
+        return rollout_cfg.max_new_tokens
+    return rollout_cfg.max_total_tokens or rollout_cfg.max_turns * rollout_cfg.max_new_tokens
 
 
 def engine_class(name: str) -> type[RolloutEngine]:

@@ -4,7 +4,7 @@ layout, the weights the engines hold, and the restarts of engines that die."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -30,6 +30,9 @@ class Rollout:
     source: list[Prompt]
     # The weight version (syncs before it) of the oldest weights any of its samples came from.
     version: int = 0
+    # With rollout.env, each trajectory's environment metrics (turns, env_seconds, tool_calls, ...),
+    # one list per metric, NaN where a trajectory's environment has no such metric.
+    env_metrics: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,8 +80,13 @@ class RolloutService:
         spacing = self.cfg.rollout.n
         seeds = [(base + i * spacing) % 2**31 for i in range(len(prompts))]
         n = len(self.engines.actors)
-        shards = list(zip(split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n),
-                          strict=True))
+        columns = [split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n)]
+        if self.cfg.rollout.env:  # the environments get the rows
+            chat = self.cfg.data.chat_template
+            rows = [{"prompt": p.text, "fields": p.fields, "row": p.row,
+                     "chat": chat or isinstance(p.text, list)} for p in prompts]
+            columns.append(split_evenly(rows, n))
+        shards = list(zip(*columns, strict=True))
         refs = self.engines.scatter("generate", shards, greedy=greedy)
         pending = PendingGeneration(prompts, shards, greedy, refs, [self.weight_version] * n)
         self.in_flight.append(pending)
@@ -99,16 +107,24 @@ class RolloutService:
         per_prompt = [s for part in parts for s in part]
         flat = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True)
                 for sample in samples]
-        batch = build_batch([p.token_ids for p, _ in flat], [s.response_ids for _, s in flat],
+        samples = [s for _, s in flat]
+        batch = build_batch([p.token_ids for p, _ in flat], [s.response_ids for s in samples],
                             self.pad_token_id)
         width = batch["sequences"].shape[1] - batch.prompt_len
         batch["mask"] = response_mask(batch["sequences"][:, batch.prompt_len:], batch["response_lengths"])
-        batch["engine_logprobs"] = pad_rows([s.logprobs for _, s in flat], width)
-        batch["truncated"] = torch.tensor([not s.finished for _, s in flat], dtype=torch.float32)
+        if self.cfg.rollout.env:  # only the model's tokens are trained on; the environment scores
+            batch["mask"] = pad_rows([s.action_mask for s in samples], width)
+            batch["env_scores"] = torch.tensor([s.env_reward for s in samples], dtype=torch.float32)
+            batch["env_failed"] = torch.tensor([s.env_error is not None for s in samples],
+                                               dtype=torch.float32)
+        batch["engine_logprobs"] = pad_rows([s.logprobs for s in samples], width)
+        batch["truncated"] = torch.tensor([not s.finished for s in samples], dtype=torch.float32)
         field_names = flat[0][0].fields.keys()
-        return Rollout(batch, [p.text for p, _ in flat], [s.text for _, s in flat],
+        env_metrics = {k: [s.env_metrics.get(k, float("nan")) for s in samples]
+                       for k in dict.fromkeys(k for s in samples for k in s.env_metrics)}
+        return Rollout(batch, [p.text for p, _ in flat], [s.text for s in samples],
                        {k: [p.fields.get(k) for p, _ in flat] for k in field_names}, prompts,
-                       min(pending.versions))
+                       min(pending.versions), env_metrics)
 
     def generations_in_progress(self) -> int:
         """Generations sent to the engines that they have not finished yet (or lost with an engine)."""

@@ -9,7 +9,7 @@ import torch
 from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import Batch
 from rayrlhf.cluster import Colocation, RoleClock, RoleGroup, describe_placement, role_memory, wait
-from rayrlhf.rollout import engine_class
+from rayrlhf.rollout import engine_class, response_budget
 from rayrlhf.rollout_service import Rollout, RolloutService, split_evenly
 from rayrlhf.scorers import ReferenceWorker, RewardWorker
 from rayrlhf.trainer import TrainerWorker
@@ -55,7 +55,7 @@ class RLHFSystem:
         self.groups: list[RoleGroup] = []
         self.clock = RoleClock(cfg.ray.call_timeout_s)
         self.colocation: Colocation | None = None
-        max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+        max_model_len = cfg.data.max_prompt_tokens + response_budget(cfg.rollout)
         try:
             self.colocation = Colocation(cfg.ray.colocate, role_sizes(cfg), cfg.ray.placement_strategy)
             r = cfg.rollout
@@ -98,7 +98,7 @@ class RLHFSystem:
             // algo.train_batch_size
         group = trainer_group(role, cfg[role], model_path, algo.train_batch_size, cfg,
                               self.colocation.placement(role), total_steps=steps, algo_cfg=algo,
-                              sampling=Sampling.of(cfg.rollout), norm_len=cfg.rollout.max_new_tokens)
+                              sampling=Sampling.of(cfg.rollout), norm_len=response_budget(cfg.rollout))
         self.groups.append(group)
         return group
 

@@ -8,6 +8,13 @@ for measuring what each stage learnt.
 `alphabet`: a prompt is a run of 3 to 6 consecutive letters and "=" ("cdef="); the answer
 continues the alphabet for ANSWER_LEN letters ("ghijklmn"), wrapping z -> a. The "=" marks where
 the prompt ends, without which a model could not tell when it has written ANSWER_LEN letters.
+
+`calculator`: a prompt is a product of two 2-digit numbers and "=" ("17*23="); the answer is its
+value ("391"), which a tiny model cannot compute but the `calculator` tool (rollout.env=tools,
+rollout.tools=calculator) can. A third of the SFT demonstrations call the tool in the Hermes/Qwen
+format, read its response and repeat its value; the others answer at once (rightly, but a model
+cannot learn multiplication from them), so the SFT policy mostly answers at once, wrongly, and
+reinforcement learning has something to find out: that calling the tool gets answers right.
 """
 
 from __future__ import annotations
@@ -70,21 +77,63 @@ def alphabet_corrupt(answer: str, rng: random.Random) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + shift) % 26] for c in answer)
 
 
+def calculator_prompts(count: int, seed: int, held_out: bool = False) -> list[str]:
+    """Products of two numbers of 10..99; a fifth of the pairs is kept for evaluation."""
+    rng = random.Random(seed)
+    prompts = []
+    while len(prompts) < count:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if ((a + 2 * b) % 5 == 0) == held_out:
+            prompts.append(f"{a}*{b}{SEPARATOR}")
+    return prompts
+
+
+def calculator_answer(prompt: str) -> str:
+    a, b = prompt.removesuffix(SEPARATOR).split("*")
+    return str(int(a) * int(b))
+
+
+CALCULATOR_CALL = '<tool_call>{{"name": "calculator", "arguments": {{"expression": "{}"}}}}</tool_call>'
+
+
+def calculator_demonstration(prompt: str, rng: random.Random) -> str | list[dict]:
+    """A third of the time a tool-using answer, as the turns of a multi-turn demonstration (the
+    call, the tool's result, the value; SFT trains on the assistant's turns only), else the value
+    at once."""
+    answer = calculator_answer(prompt)
+    if rng.random() >= 1 / 3:
+        return answer
+    return [{"role": "assistant", "content": CALCULATOR_CALL.format(prompt.removesuffix(SEPARATOR))},
+            {"role": "tool", "content": answer}, {"role": "assistant", "content": answer}]
+
+
+def calculator_corrupt(answer: str, rng: random.Random) -> str:
+    i = rng.randrange(len(answer))
+    return answer[:i] + rng.choice([d for d in string.digits if d != answer[i]]) + answer[i + 1:]
+
+
 @dataclass(frozen=True)
 class Task:
     # (count, seed, held_out) -> prompts; held-out prompts never occur in training data.
     prompts: Callable[[int, int, bool], list[str]]
     answer: Callable[[str], str]
     corrupt: Callable[[str, random.Random], str]
+    # An SFT demonstration of a prompt (a string, or the turns of a multi-turn one); None
+    # demonstrates the answer.
+    demonstration: Callable[[str, random.Random], str | list[dict]] | None = None
 
 
-TASKS: dict[str, Task] = {"alphabet": Task(alphabet_prompts, alphabet_answer, alphabet_corrupt)}
+TASKS: dict[str, Task] = {
+    "alphabet": Task(alphabet_prompts, alphabet_answer, alphabet_corrupt),
+    "calculator": Task(calculator_prompts, calculator_answer, calculator_corrupt, calculator_demonstration),
+}
 
 
 def demonstrations(task: str, count: int, seed: int, held_out: bool = False) -> list[dict]:
     """SFT rows {prompt, response} with the correct answers."""
-    t = TASKS[task]
-    return [{"prompt": p, "response": t.answer(p)} for p in t.prompts(count, seed, held_out)]
+    t, rng = TASKS[task], random.Random(seed + 2)
+    demonstrate = t.demonstration or (lambda prompt, _: t.answer(prompt))
+    return [{"prompt": p, "response": demonstrate(p, rng)} for p in t.prompts(count, seed, held_out)]
 
 
 def preference_pairs(task: str, count: int, seed: int, held_out: bool = False) -> list[dict]:

@@ -16,17 +16,19 @@ from pathlib import Path
 import torch
 
 CHARS = string.ascii_lowercase + string.digits + " .,:;!?=+-*/()'\"\n"
+# Added by model.tiny_tool_chars, for tool calls (<tool_call>{"name": ...}</tool_call>).
+TOOL_CHARS = "<>{}_[]"
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 MARKER = "rayrlhf_tiny.json"
 
 
-def build_tokenizer():
+def build_tokenizer(tool_chars: bool = False):
     """A character-level fast tokenizer: one token per character, four special tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL.values())}
-    for ch in CHARS:
+    for ch in CHARS + (TOOL_CHARS if tool_chars else ""):
         vocab[ch] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -35,7 +37,8 @@ def build_tokenizer():
 
 
 def build_tiny_model(path: str | Path, kind: str = "causal_lm", hidden_size: int = 128,
-                     num_layers: int = 2, num_heads: int = 4, seed: int = 0) -> Path:
+                     num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+                     tool_chars: bool = False) -> Path:
     """Write a randomly initialised Llama (causal LM or sequence classifier) and the tokenizer.
 
     head_dim stays at 32: the vLLM CPU attention kernel refuses smaller heads.
@@ -46,7 +49,7 @@ def build_tiny_model(path: str | Path, kind: str = "causal_lm", hidden_size: int
     hf_logging.disable_progress_bar()
 
     path = Path(path)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(tool_chars)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -61,7 +64,7 @@ def build_tiny_model(path: str | Path, kind: str = "causal_lm", hidden_size: int
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     (path / MARKER).write_text(json.dumps({"kind": kind, "hidden_size": hidden_size,
-                                           "num_layers": num_layers, "seed": seed}))
+                                           "num_layers": num_layers, "seed": seed, "tool_chars": tool_chars}))
     return path
 
 
@@ -78,7 +81,8 @@ def ensure_tiny_model(model_cfg, seed: int) -> Path:
                              num_layers=model_cfg.tiny_layers, seed=seed)
         else:
             build_tiny_model(path, hidden_size=model_cfg.tiny_hidden_size, num_layers=model_cfg.tiny_layers,
-                             num_heads=model_cfg.tiny_hidden_size // 32, seed=seed)
+                             num_heads=model_cfg.tiny_hidden_size // 32, seed=seed,
+                             tool_chars=model_cfg.tiny_tool_chars)
     return path
 
 

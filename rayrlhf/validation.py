@@ -11,6 +11,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rayrlhf.algorithms import GROUP_ESTIMATORS
 from rayrlhf.errors import RayRLHFError
+from rayrlhf.rollout import response_budget
 
 
 class ConfigError(RayRLHFError):
@@ -199,6 +200,11 @@ def _check_ppo(cfg: DictConfig) -> None:
         _check(cfg.rollout.n >= 2, "rollout.n",
                f"must be >= 2 for algorithm.estimator={algo.estimator} (it compares samples of a prompt)")
     _check_reward(cfg)
+    if cfg.rollout.env:
+        _check(cfg.rollout.env != "tools" or bool(cfg.rollout.tools), "rollout.tools",
+               "is needed with rollout.env=tools: a Python file whose functions are the tools")
+        _check(response_budget(cfg.rollout) >= cfg.rollout.max_new_tokens, "rollout.max_total_tokens",
+               f"({cfg.rollout.max_total_tokens}) must be 0 or at least rollout.max_new_tokens")
     _check(bool(cfg.data.path or cfg.data.task), "data.path",
            "is needed (or data.task for a built-in task's prompts)")
     _check(not cfg.eval.every or bool(cfg.eval.path or cfg.data.task), "eval.path",
@@ -238,8 +244,9 @@ def _check_function(cfg: DictConfig, key: str) -> None:
 
 def _check_reward(cfg: DictConfig) -> None:
     reward = cfg.reward
-    _check(bool(reward.function or reward.functions or reward.models or reward.remote), "reward",
-           "needs at least one source: reward.function, reward.functions, reward.models or reward.remote")
+    _check(bool(reward.function or reward.functions or reward.models or reward.remote or cfg.rollout.env),
+           "reward", "needs at least one source: reward.function, reward.functions, reward.models, "
+           "reward.remote or an environment (rollout.env)")
     _check_function(cfg, "reward.function")
     for i in range(len(reward.functions)):
         _check_function(cfg, f"reward.functions[{i}].function")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 
-from rayrlhf import cpu_platform, weight_sync
+from rayrlhf import agent, cpu_platform, weight_sync
 from rayrlhf.rollout import RolloutEngine, Sample
 
 
@@ -19,10 +20,16 @@ class VLLMEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         # On GPU the cache is sized by gpu_memory_utilization; the CPU's is what we ask for.
-        kv_cache_bytes = None
+        kv_cache_bytes, cpu_scheduling = None, {}
         if current_platform.is_cpu():
             cpu_platform.keep_plain_linear_weights()  # weight syncs load in place
             kv_cache_bytes = int(rollout_cfg.kv_cache_gib * 2**30)
+            # A prompt prefilled in chunks has its sampled token discarded by rewinding the request's
+            # generator, which a seeded request's CPU generator cannot do (vLLM raises "CPU Generator
+            # does not use offset"): whole prefills only. Multi-turn rollouts hit it (long prompts
+            # arriving mid-decode); so could long single-turn prompts.
+            cpu_scheduling = {"enable_chunked_prefill": False,
+                              "max_num_batched_tokens": max(max_model_len, 4096)}
 
         self.cfg = rollout_cfg
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
@@ -34,26 +41,37 @@ class VLLMEngine(RolloutEngine):
                        enable_sleep_mode=rollout_cfg.sleep,
                        # Log-probs of the distribution sampled from (after penalties, temperature,
                        # top-k and top-p), as the trainer computes them (algorithms.Sampling).
-                       logprobs_mode="processed_logprobs")
+                       logprobs_mode="processed_logprobs", **cpu_scheduling)
         self.asleep = False
+        self.episodes = None
+        self.turn_ids = itertools.count()
+        if rollout_cfg.env:
+            tokenizer = self.llm.get_tokenizer()
+            self.episodes = agent.EpisodeRunner(rollout_cfg, agent.environment_class(rollout_cfg), tokenizer,
+                                                tokenizer.eos_token_id)
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None,
-                 greedy: bool = False) -> list[list[Sample]]:
-        from vllm import SamplingParams
+                 rows: list[dict] | None = None, greedy: bool = False) -> list[list[Sample]]:
         from vllm.inputs import TokensPrompt
 
-        cfg = self.cfg
-        params = [SamplingParams(
-            n=1 if greedy else cfg.n, max_tokens=cfg.max_new_tokens,
-            temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            repetition_penalty=cfg.repetition_penalty, stop=list(cfg.stop) or None,
-            include_stop_str_in_output=True, logprobs=0, seed=None if seeds is None else seeds[i],
-        ) for i in range(len(prompt_ids))]
+        if self.episodes is not None:
+            return self.episodes.run(_VLLMTurns(self), prompt_ids, rows, seeds, greedy)
+        params = [self.sampling_params(1 if greedy else self.cfg.n, self.cfg.max_new_tokens,
+                                       None if seeds is None else seeds[i], greedy)
+                  for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
                                     params, use_tqdm=False)
-        return [[Sample(list(c.token_ids), [next(iter(lp.values())).logprob for lp in c.logprobs],
-                        c.finish_reason != "length", c.text) for c in out.outputs]
+        return [[Sample(t.token_ids, t.logprobs, t.finished, t.text) for t in map(_turn, out.outputs)]
                 for out in outputs]
+
+    def sampling_params(self, n: int, max_tokens: int, seed: int | None, greedy: bool):
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        return SamplingParams(
+            n=n, max_tokens=max_tokens, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
+            top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, stop=list(cfg.stop) or None,
+            include_stop_str_in_output=True, logprobs=0, seed=seed)
 
     # Each transport's receiving end lives in every vLLM worker (`collective_rpc`), so that with
     # tensor parallelism every worker process joins the group and loads its own shard.
@@ -79,6 +97,41 @@ class VLLMEngine(RolloutEngine):
         if not self.asleep:
             self.llm.sleep(level=2)  # level 2: the weights go too; the next sync brings them back
             self.asleep = True
+
+
+def _turn(completion) -> agent.Turn:
+    """A vLLM completion as a turn: its tokens, their log-probs, whether it ended before the limit."""
+    logprobs = [next(iter(lp.values())).logprob for lp in completion.logprobs]
+    finished = completion.finish_reason != "length"
+    return agent.Turn(list(completion.token_ids), logprobs, finished, completion.text)
+
+
+class _VLLMTurns(agent.EngineTurns):
+    """One request per turn, through the engine's continuous batching (requests added to the
+    LLMEngine, which is stepped here; outputs come back under the ids given)."""
+
+    def __init__(self, engine: VLLMEngine):
+        self.engine = engine
+
+    def submit(self, token_ids: list[int], max_tokens: int, seed: int, greedy: bool) -> str:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = self.engine.sampling_params(1, max_tokens, seed, greedy)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        request_id = f"turn-{next(self.engine.turn_ids)}"
+        self.engine.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
+        return request_id
+
+    def step(self) -> list[tuple[str, agent.Turn]]:
+        return [(out.request_id, _turn(out.outputs[0])) for out in self.engine.llm.llm_engine.step()
+                if out.finished]
+
+    def busy(self) -> bool:
+        return self.engine.llm.llm_engine.has_unfinished_requests()
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.engine.llm.llm_engine.abort_request(request_ids)
 
 
 def _join(worker, master_addr: str, port: int, first_rank: int, world_size: int, backend: str,

@@ -10,7 +10,8 @@ from rayrlhf.cli import main
 
 @pytest.mark.parametrize("args, message", [
     (["trainer.totl_steps=3"], "unknown config key 'trainer.totl_steps'"),
-    (["data.task=sorting"], "'data.task' must be empty or a built-in task (alphabet); got 'sorting'"),
+    (["data.task=sorting"],
+     "'data.task' must be empty or a built-in task (alphabet, calculator); got 'sorting'"),
     (["actor.lora.rank=-1"], "config key 'actor.lora.rank' must be >= 0"),
     (["model.path=/no/such/model", "model.build_tiny=false"], "model.path '/no/such/model' does not exist"),
     (["reward.models=[{path: /no/such/rm}]"], "reward.models[0].path '/no/such/rm' does not exist"),

@@ -77,9 +77,13 @@ def test_chunked_scoring_matches_the_full_logits_with_gradients(qwen2, monkeypat
     # The entropy (about ln V = 11.8 here) sums 131k terms in fp32: within 2e-6 of it relatively.
     torch.testing.assert_close(new[1], old[1], rtol=2e-6, atol=2e-6)
     assert new[2].keys() == old[2].keys()
+    # Each gradient sums over positions (and the head's over 131k entropy terms) in another order:
+    # fp32 agrees to ~1e-5 of the gradient's own scale (measured 4-8e-6 on AMD EPYC, less on Xeon);
+    # a wrong term is off by its whole size.
     for name, grad in old[2].items():
-        torch.testing.assert_close(new[2][name], grad, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        error = new[2][name] - grad
+        assert error.norm() <= 2e-5 * grad.norm(), (name, (error.norm() / grad.norm()).item())
+        assert error.abs().max() <= 2e-5 * grad.abs().max(), (name, error.abs().max().item())
 
 
 @pytest.mark.parametrize("sampling", ["plain", "transformed"])

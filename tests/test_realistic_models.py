@@ -130,3 +130,42 @@ def test_grpo_on_a_chat_dataset_with_the_math_reward_and_long_responses(tmp_path
         correct = BUILTIN["math"]([s["prompt"]], [s["response"]], answer=[answers[json.dumps(s["prompt"])]])
         formatted = BUILTIN["format"]([s["prompt"]], [s["response"]])
         assert s["reward"] == pytest.approx(correct["reward"][0] + 0.1 * formatted[0])
+
+
+TUTOR = '''
+class Tutor:
+    """Replies to the first two turns with a tool message, then ends; rewards each turn by its length."""
+
+    def __init__(self, prompt, **fields):
+        self.turns = 0
+
+    def step(self, response):
+        self.turns += 1
+        if self.turns == 3:
+            return None, 0.0, True
+        return {"role": "tool", "content": f"try again {self.turns}"}, len(response) / 100, False
+'''
+
+
+def test_multi_turn_grpo_through_the_chat_template_on_a_131k_vocabulary(tmp_path, ray_cluster,
+                                                                        realistic_models):
+    """Trajectories of three turns on conversations through the real tokenizer's chat template
+    (the observations as the template writes them; tekken wants call ids for tool messages, so
+    they go as user turns), packed: engine and trainer agree on the model's tokens after the
+    observations, from the first batch."""
+    env = tmp_path / "tutor.py"
+    env.write_text(TUTOR)
+    rows = [{"prompt": [{"role": "system", "content": "Answer briefly."},
+                        {"role": "user", "content": f"What is {a} times {b}?"}]} for a, b in [(2, 3), (7, 8)]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(map(json.dumps, rows)))
+    history = run(tmp_path, "agent", realistic_models("qwen2"), f"data.path={data}",
+                  f"rollout.env={env}:Tutor", "rollout.max_turns=3", "rollout.max_new_tokens=12",
+                  "rollout.max_total_tokens=120", "trainer.prompts_per_step=2", "rollout.n=4",
+                  "algorithm.estimator=grpo", "algorithm.kl_coef=0", "actor.packing=true",
+                  "logging.samples_per_step=8")
+    agree_from_the_first_batch(history)
+    assert all(m["rollout/turns_mean"] > 1.5 and m["rollout/env_failures"] == 0 for m in history), history
+    samples = [json.loads(line) for line in (tmp_path / "agent" / "samples.jsonl").read_text().splitlines()]
+    continued = [s for s in samples if "<tool_response>try again 1</tool_response>" in s["response"]]
+    assert len(continued) >= len(samples) // 2, [s["response"] for s in samples]

@@ -121,8 +121,9 @@ def test_sft_rows_with_custom_fields_and_an_eval_file(tmp_path, tokenizer):
     cfg = stage_data_cfg("sft", path=train, eval_path=held, prompt_field="q", response_field="a")
     data = load_supervised("sft", cfg, "", tokenizer, 0)
     assert len(data.train) == 4 and len(data.eval) == 1
-    prompt, response = data.eval[0]
+    prompt, response, trained = data.eval[0]
     assert tokenizer.decode(prompt) == "xy=" and response[-1] == tokenizer.eos_token_id
+    assert trained == [1] * len(response)
     with pytest.raises(DataError, match="no usable training examples"):
         load_supervised("sft", stage_data_cfg("sft", path=write_rows(tmp_path / "x.jsonl", [
             {"prompt": "a", "response": " "}] * 3)), "", tokenizer, 0)
@@ -137,3 +138,38 @@ def test_alphabet_task_data_rule_and_held_out_split(tokenizer):
     data = load_supervised("rm", stage_data_cfg("rm", synthetic_size=50), "alphabet", tokenizer, 0)
     assert len(data.train) == 50 and len(data.eval) == 64
     assert sum(data.counts.values()) == 0
+
+
+def test_a_multi_turn_demonstration_trains_on_the_assistant_turns_only(tmp_path, realistic_models):
+    """Tool results are laid out as a rollout's observations are and left out of the loss: on a
+    templateless tokenizer as text, on a chat one as its template writes the conversation."""
+    from rayrlhf.modeling import load_tokenizer
+    from rayrlhf.tiny import build_tokenizer
+
+    turns = [{"role": "assistant", "content": "<tool_call>{}</tool_call>"},
+             {"role": "tool", "content": "391"}, {"role": "assistant", "content": "391"}]
+    rows = [{"prompt": "17*23=", "response": turns}] * 2
+    raw = build_tokenizer(tool_chars=True)
+    data = load_supervised("sft", stage_data_cfg("sft", path=write_rows(tmp_path / "t.jsonl", rows),
+                                                 max_tokens=96), "", raw, 0)
+    prompt, response, trained = data.train[0]
+    assert raw.decode(response) == "<tool_call>{}</tool_call><tool_response>391</tool_response>391</s>"
+    learnt = [t for t, k in zip(response, trained, strict=True) if k]
+    assert raw.decode(learnt) == "<tool_call>{}</tool_call>391</s>"
+    batch = sft_batch([data.train[:1]], pad_id=0)
+    assert batch["loss_mask"].sum() == sum(trained) and batch["loss_mask"][0, :len(prompt)].sum() == 0
+
+    chat = load_tokenizer(realistic_models("qwen2"))
+    data = load_supervised("sft", stage_data_cfg("sft", path=write_rows(tmp_path / "c.jsonl", rows),
+                                                 chat_template=True, max_tokens=96), "", chat, 0)
+    prompt, response, trained = data.train[0]
+    conversation = [{"role": "user", "content": "17*23="}, turns[0],
+                    {"role": "user", "content": "<tool_response>391</tool_response>"}, turns[2]]
+    rendered = chat.apply_chat_template(conversation, tokenize=False)
+    expected = chat(rendered, add_special_tokens=False)["input_ids"]
+    assert prompt + response == expected
+    learnt = [t for t, k in zip(response, trained, strict=True) if k]
+    assert chat.decode(learnt) == "<tool_call>{}</tool_call></s>391</s>"
+    with pytest.raises(DataError, match="must end with an assistant message"):
+        load_supervised("sft", stage_data_cfg("sft", path=write_rows(tmp_path / "bad.jsonl", [
+            {"prompt": "a", "response": turns[:2]}] * 2)), "", raw, 0)
