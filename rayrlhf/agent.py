@@ -24,8 +24,10 @@ import ast
 import asyncio
 import concurrent.futures as futures
 import inspect
+import itertools
 import json
 import operator
+import queue
 import re
 import threading
 import time
@@ -142,6 +144,9 @@ def load_tools(spec: str) -> dict[str, Callable]:
     if spec in BUILTIN_TOOLS:
         return BUILTIN_TOOLS[spec]
     path = spec
+    if not path.endswith(".py"):
+        raise EnvironmentFailure(f"rollout.tools '{spec}': no built-in tool set of that name "
+                                 f"({', '.join(BUILTIN_TOOLS)}) and not a Python file")
     module = load_from_file("rollout.tools", path, None, EnvironmentFailure)
     return {name: obj for name, obj in vars(module).items()
             if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")}
@@ -173,10 +178,10 @@ def environment_class(rollout_cfg) -> type:
 class ObservationEncoder:
     """The tokens appended after a model turn for an observation. Prompts that went through the
     chat template get the observation as the template's next message plus the opening of the
-    assistant's reply, exactly as the template writes them after the model's turn (a turn cut
+    assistant's reply, exactly as the template writes them after an assistant turn (a turn cut
     before the end-of-turn token gets that token first); a tool message the template rejects
     (some want a call id) goes as a user turn <tool_response>...</tool_response>, as Hermes has it.
-    Templateless prompts get the text as it is (a tool message as <tool_response>...</tool_response>)."""
+    Templateless prompts get the observation's raw text (raw_text)."""
 
     MARK = "RAYRLHF_TURN_MARK"
 
@@ -184,41 +189,49 @@ class ObservationEncoder:
         self.tokenizer = tokenizer
         eos = tokenizer.eos_token_id
         self.eos_text = tokenizer.decode([eos]) if eos is not None else None
-        self.history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": self.MARK}]
-        self.before = None  # the history as the template writes it, once one is needed
+
+    @staticmethod
+    def raw_text(observation) -> str:
+        """An observation as text: its content, a tool message's as <tool_response>...</tool_response>."""
+        if not isinstance(observation, dict):
+            return str(observation)
+        text = str(observation["content"])
+        return f"<tool_response>{text}</tool_response>" if observation.get("role") == "tool" else text
 
     def encode(self, observation, chat: bool, ended_with_eos: bool) -> list[int]:
-        message = observation if isinstance(observation, dict) else \
-            {"role": "user", "content": str(observation)}
         if not chat:
-            text = str(message["content"])
-            if message.get("role") == "tool":
-                text = f"<tool_response>{text}</tool_response>"
+            text = self.raw_text(observation)
         else:
+            message = observation if isinstance(observation, dict) else \
+                {"role": "user", "content": str(observation)}
             text = self._chat_continuation(message, ended_with_eos)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _chat_continuation(self, message: dict, ended_with_eos: bool) -> str:
-        if self.before is None:
-            self.before = self.tokenizer.apply_chat_template(self.history, tokenize=False)
-        before = self.before
+        """What the template writes after an assistant turn's content: the turn's closing, the
+        message, the next turn's opening. Templates that render earlier turns differently once a
+        message follows (Qwen3 drops the empty think block of an assistant turn before the last
+        user turn) still end the assistant's content where the model ended it."""
+        history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": self.MARK}, message]
         try:
-            after = self.tokenizer.apply_chat_template(self.history + [message], tokenize=False,
-                                                       add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(history, tokenize=False,
+                                                          add_generation_prompt=True)
         except Exception as err:  # noqa: BLE001 - the template rejects the message
             if message.get("role") == "tool":  # templates that want call ids: Hermes's user turn
-                return self._chat_continuation(
-                    {"role": "user", "content": f"<tool_response>{message['content']}</tool_response>"},
-                    ended_with_eos)
+                as_user = {"role": "user", "content": self.raw_text(message)}
+                return self._chat_continuation(as_user, ended_with_eos)
             raise EnvironmentFailure(f"the chat template cannot render an observation with role "
                                      f"{message.get('role')!r}: {type(err).__name__}: {err}") from None
-        if not after.startswith(before) or self.MARK not in before:
-            raise EnvironmentFailure("the chat template rewrites earlier turns when a message is added; "
-                                     "observations cannot be appended token by token")
-        closing = before[before.rindex(self.MARK) + len(self.MARK):]
-        if ended_with_eos and self.eos_text and closing.startswith(self.eos_text):
-            closing = closing[len(self.eos_text):]
-        return closing + after[len(before):]
+        if self.MARK not in rendered:
+            raise EnvironmentFailure("the chat template does not write an assistant turn's content as it "
+                                     "is; observations cannot be appended to the model's tokens")
+        continuation = rendered[rendered.rindex(self.MARK) + len(self.MARK):]
+        if str(message["content"]) not in continuation:
+            raise EnvironmentFailure(f"the chat template leaves out an observation with role "
+                                     f"{message['role']!r}")
+        if ended_with_eos and self.eos_text and continuation.startswith(self.eos_text):
+            continuation = continuation[len(self.eos_text):]
+        return continuation
 
 
 # The trajectory loop.
@@ -236,7 +249,7 @@ class Turn:
 class Trajectory:
     sample_index: int  # the prompt's k-th sample
     prompt: int  # the prompt's place in the engine's batch
-    seed: int
+    seed: int | None
     prompt_ids: list[int]
     chat: bool
     env: object = None
@@ -246,17 +259,21 @@ class Trajectory:
     reward: float = 0.0
     turns: int = 0
     env_seconds: float = 0.0
+    # The model's turns as the engine decoded them, and the observations' raw text between them
+    # (what reward functions read, whatever the chat template).
+    text: str = ""
     last_turn: Turn | None = None
     done: bool = False  # the environment said so
     over: bool = False  # done, cut by max_turns or the token budget, or failed
     error: str | None = None
 
-    def sample(self, tokenizer) -> Sample:
+    def sample(self) -> Sample:
         metrics = {"turns": float(self.turns), "env_seconds": self.env_seconds}
         metrics |= {k: float(v) for k, v in getattr(self.env, "metrics", {}).items()}
-        return Sample(self.response_ids, self.logprobs, self.done,
-                      tokenizer.decode(self.response_ids, skip_special_tokens=True),
-                      self.action_mask, self.reward, metrics, self.error)
+        # Finished: the environment ended it after a turn that itself ended (not at max_new_tokens).
+        finished = self.done and self.last_turn is not None and self.last_turn.finished
+        return Sample(self.response_ids, self.logprobs, finished, self.text, self.action_mask, self.reward,
+                      metrics, self.error)
 
 
 class EngineTurns:
@@ -279,27 +296,27 @@ class EngineTurns:
 
 class EpisodeRunner:
     """Runs every trajectory of a batch to its end: each model turn is its own engine request, so a
-    long trajectory does not hold the others, and environment steps run in threads (up to
-    rollout.env_concurrency at once) while the engine goes on with the others' turns."""
+    long trajectory does not hold the others, and environment steps run in threads of their own
+    (up to rollout.env_concurrency at once) while the engine goes on with the others' turns."""
 
     def __init__(self, rollout_cfg, env_class: type, tokenizer, eos_token_id: int | None):
         self.cfg, self.env_class, self.tokenizer = rollout_cfg, env_class, tokenizer
         self.encoder = ObservationEncoder(tokenizer)
         self.eos_token_id = eos_token_id
         self.budget = response_budget(rollout_cfg)
+        if getattr(tokenizer, "chat_template", None):  # a template that cannot take turns fails here
+            for probe in ("probe", {"role": "tool", "content": "probe"}):
+                self.encoder.encode(probe, chat=True, ended_with_eos=True)
 
     def run(self, engine: EngineTurns, prompt_ids: list[list[int]], rows: list[dict], seeds: list[int] | None,
             greedy: bool) -> list[list[Sample]]:
         n = 1 if greedy else self.cfg.n
-        trajectories = [Trajectory(k, i, 0 if seeds is None else seeds[i] + k, ids, rows[i]["chat"])
+        trajectories = [Trajectory(k, i, None if seeds is None else seeds[i] + k, ids, rows[i]["chat"])
                         for i, ids in enumerate(prompt_ids) for k in range(n)]
         self.rows = rows
         requests: dict[str, Trajectory] = {}
         waiting: deque[Trajectory] = deque()  # turns whose environment step has not started
-        running: dict[futures.Future, tuple[Trajectory, float]] = {}
-        pool = futures.ThreadPoolExecutor(self.cfg.env_concurrency, thread_name_prefix="rayrlhf-env")
-        loop = asyncio.new_event_loop()
-        threading.Thread(target=loop.run_forever, daemon=True, name="rayrlhf-env-async").start()
+        steps = _EnvironmentSteps(self.cfg.env_timeout_s)
         try:
             for t in trajectories:
                 self._start(t, rows[t.prompt])
@@ -311,18 +328,23 @@ class EpisodeRunner:
                         t = requests.pop(request_id)
                         self._add_turn(t, turn)
                         waiting.append(t)
-                while waiting and len(running) < self.cfg.env_concurrency:
+                while waiting and steps.running() < self.cfg.env_concurrency:
                     t = waiting.popleft()
-                    running[pool.submit(_step, t.env, t.last_turn.text, loop)] = (t, time.monotonic())
-                for t in self._finished_steps(running, block=not engine.busy()):
+                    steps.start(t, t.env, t.last_turn.text)
+                for t, result, seconds in steps.ended(block=not engine.busy()):
+                    t.env_seconds += seconds
+                    if isinstance(result, BaseException):
+                        self._fail(t, f"{type(result).__name__}: {result}", f"step {t.turns}")
+                        continue
+                    observation, reward, finished = result
+                    self._apply_step(t, observation, float(reward), bool(finished))
                     if not t.over:
                         requests[self._submit(engine, t, greedy)] = t
         finally:
             if requests:  # stopped by a failure: the engine must not go on with them
                 engine.abort(list(requests))
-            pool.shutdown(wait=False, cancel_futures=True)
-            loop.call_soon_threadsafe(loop.stop)
-        samples = [t.sample(self.tokenizer) for t in trajectories]
+            steps.close()
+        samples = [t.sample() for t in trajectories]
         return [samples[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
     def _start(self, t: Trajectory, row: dict) -> None:
@@ -333,45 +355,20 @@ class EpisodeRunner:
 
     def _submit(self, engine: EngineTurns, t: Trajectory, greedy: bool) -> str:
         max_tokens = min(self.cfg.max_new_tokens, self.budget - len(t.response_ids))
-        seed = t.seed + t.turns * TURN_SEED_STRIDE
+        seed = None if t.seed is None else t.seed + t.turns * TURN_SEED_STRIDE
         return engine.submit(t.prompt_ids + t.response_ids, max_tokens, seed, greedy)
 
     def _add_turn(self, t: Trajectory, turn: Turn) -> None:
         t.response_ids += turn.token_ids
         t.logprobs += turn.logprobs
         t.action_mask += [1] * len(turn.token_ids)
+        t.text += turn.text
         t.turns += 1
         t.last_turn = turn
 
-    def _finished_steps(self, running: dict, block: bool) -> list[Trajectory]:
-        """The trajectories whose environment step ended (applied to them); waits for one when
-        `block` (the engine has nothing to do). A step past rollout.env_timeout_s fails."""
-        timeout = self.cfg.env_timeout_s
-        if not running:
-            return []
-        now = time.monotonic()
-        wait_s = max(0.0, min(start for _, start in running.values()) + timeout - now) if block else 0.0
-        done, _ = futures.wait(running, timeout=wait_s, return_when=futures.FIRST_COMPLETED)
-        out = []
-        for future in done:
-            t, start = running.pop(future)
-            t.env_seconds += time.monotonic() - start
-            try:
-                observation, reward, finished = future.result()
-                self._apply_step(t, observation, float(reward), bool(finished))
-            except Exception as err:  # noqa: BLE001 - the user's environment failed
-                self._fail(t, f"{type(err).__name__}: {err}", f"step {t.turns}")
-            out.append(t)
-        now = time.monotonic()
-        for future, (t, start) in list(running.items()):
-            if now - start > timeout:
-                running.pop(future)
-                t.env_seconds += now - start
-                self._fail(t, f"the step ran past rollout.env_timeout_s={timeout}", f"step {t.turns}")
-                out.append(t)
-        return out
-
     def _apply_step(self, t: Trajectory, observation, reward: float, finished: bool) -> None:
+        """The step's outcome; the observation's tokens (errors of the chat template are the run's,
+        not the environment's: they stop it whatever rollout.env_errors says)."""
         t.reward += reward
         if finished:
             t.done = t.over = True
@@ -389,6 +386,7 @@ class EpisodeRunner:
         t.response_ids += tokens
         t.logprobs += [0.0] * len(tokens)
         t.action_mask += [0] * len(tokens)
+        t.text += "" if observation is None else ObservationEncoder.raw_text(observation)
 
     def _fail(self, t: Trajectory, why: str, where: str) -> None:
         t.error, t.over = f"{where}: {why}", True
@@ -401,13 +399,75 @@ class EpisodeRunner:
                 "rollout.env_errors=skip drops such trajectories and counts them")
 
 
-def _step(env, response: str, loop: asyncio.AbstractEventLoop):
-    """env.step(response), awaited on the runner's event loop when it is a coroutine."""
-    result = env.step(response)
-    if inspect.isawaitable(result):
-        result = asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
-    observation, reward, done = result
-    return observation, reward, done
+class _EnvironmentSteps:
+    """Environment steps, each in a thread of its own (so one that hangs holds up no other), async
+    ones on one event loop. ended() gives (trajectory, result or exception, seconds) for the steps
+    that returned, raised, or ran past the time limit (a coroutine is then cancelled; a thread is
+    left to finish, its result dropped)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.results: queue.Queue = queue.Queue()
+        self.started: dict[int, tuple[object, float]] = {}  # step id -> (trajectory, start)
+        self.coroutines: dict[int, futures.Future] = {}
+        self.ids = itertools.count()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="rayrlhf-env-async").start()
+
+    def running(self) -> int:
+        return len(self.started)
+
+    def start(self, trajectory, env, response: str) -> None:
+        step_id = next(self.ids)
+        self.started[step_id] = (trajectory, time.monotonic())
+        threading.Thread(target=self._run, args=(step_id, env, response), daemon=True,
+                         name="rayrlhf-env-step").start()
+
+    def _run(self, step_id: int, env, response: str) -> None:
+        try:
+            result = env.step(response)
+            if inspect.isawaitable(result):
+                future = asyncio.run_coroutine_threadsafe(_awaited(result), self.loop)
+                self.coroutines[step_id] = future
+                result = future.result()
+            observation, reward, done = result
+            self.results.put((step_id, (observation, reward, done)))
+        except BaseException as err:  # noqa: BLE001 - the user's environment failed (or was cancelled)
+            self.results.put((step_id, err))
+
+    def ended(self, block: bool) -> list[tuple[object, object, float]]:
+        """Waits, when `block`, until a step ends or the first one's time is up."""
+        if not self.started:
+            return []
+        items = []
+        if block:
+            first_deadline = min(start for _, start in self.started.values()) + self.timeout_s
+            try:
+                items.append(self.results.get(timeout=max(1e-3, first_deadline - time.monotonic())))
+            except queue.Empty:
+                pass
+        while not self.results.empty():
+            items.append(self.results.get_nowait())
+        now, out = time.monotonic(), []
+        for step_id, result in items:
+            if step_id in self.started:  # not given up on already
+                trajectory, start = self.started.pop(step_id)
+                self.coroutines.pop(step_id, None)
+                out.append((trajectory, result, now - start))
+        for step_id, (trajectory, start) in list(self.started.items()):
+            if now - start > self.timeout_s:
+                del self.started[step_id]
+                coroutine = self.coroutines.pop(step_id, None)
+                if coroutine is not None:
+                    coroutine.cancel()
+                late = TimeoutError(f"the step ran past rollout.env_timeout_s={self.timeout_s}")
+                out.append((trajectory, late, now - start))
+        return out
+
+    def close(self) -> None:
+        for coroutine in list(self.coroutines.values()):
+            coroutine.cancel()
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 async def _awaited(awaitable):

@@ -210,6 +210,8 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
     scores, reasons, batch = rewards["scores"], rewards["reasons"], rollout.batch
     if "env_scores" in batch.tensors:  # the environment's summed step rewards: one more source
         scores = scores + batch["env_scores"]
+        # Trajectories the environment failed on are dropped whatever their reward.
+        reasons = {row: why for row, why in reasons.items() if row not in rollout.env_errors}
     if reasons and (not reward_cfg.skip_invalid or len(reasons) == len(scores)):
         row = min(reasons)
         hint = "every sample of the batch failed" if reward_cfg.skip_invalid else \
@@ -218,11 +220,14 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
                           f"the batch; {hint}); prompt {str(rollout.prompts[row])[:80]!r}, "
                           f"response {rollout.responses[row][:80]!r}")
     valid = torch.isfinite(scores)
-    if "env_failed" in batch.tensors:  # rollout.env_errors=skip: trajectories dropped, and counted
+    if rollout.env_errors:  # rollout.env_errors=skip: trajectories dropped, and counted
         valid &= batch["env_failed"] == 0
+        row, why = min(rollout.env_errors.items())
+        summary = f"on {len(rollout.env_errors)} of {len(valid)} trajectories (the first, sample {row}: " \
+                  f"{why})"
         if not valid.any():
-            raise EnvironmentFailure("the environment failed on every trajectory of the batch "
-                                     "(rollout.env_errors=skip); see the engines' log")
+            raise EnvironmentFailure(f"the environment failed on every trajectory of the batch {summary}")
+        tqdm.write(f"the environment failed {summary}; dropped (rollout.env_errors=skip)")
     raw = scores.nan_to_num(0.0)
     batch["valid"], batch["raw_scores"] = valid.float(), raw
     batch["mask"] = batch["mask"] * batch["valid"][:, None]
@@ -320,7 +325,7 @@ class Evaluator:
         rollout = system.rollout.generate(self.prompts, step, greedy=self.cfg.greedy)
         rewards = system.rewards(rollout)
         scores = rewards["scores"] + rollout.batch.tensors.get("env_scores", 0.0)
-        valid = torch.isfinite(scores)
+        valid = torch.isfinite(scores) & (rollout.batch.tensors.get("env_failed", 0.0) == 0)
         mean = scores[valid].mean().item() if valid.any() else float("nan")
         metrics = {"eval/reward_mean": mean,
                    "eval/invalid": float((~valid).sum()),

@@ -33,6 +33,8 @@ class Rollout:
     # With rollout.env, each trajectory's environment metrics (turns, env_seconds, tool_calls, ...),
     # one list per metric, NaN where a trajectory's environment has no such metric.
     env_metrics: dict[str, list[float]] = field(default_factory=dict)
+    # Why the environment failed on a sample (rollout.env_errors=skip), by sample.
+    env_errors: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,7 +126,8 @@ class RolloutService:
                        for k in dict.fromkeys(k for s in samples for k in s.env_metrics)}
         return Rollout(batch, [p.text for p, _ in flat], [s.text for s in samples],
                        {k: [p.fields.get(k) for p, _ in flat] for k in field_names}, prompts,
-                       min(pending.versions), env_metrics)
+                       min(pending.versions), env_metrics,
+                       {i: s.env_error for i, s in enumerate(samples) if s.env_error is not None})
 
     def generations_in_progress(self) -> int:
         """Generations sent to the engines that they have not finished yet (or lost with an engine)."""

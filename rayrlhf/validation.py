@@ -142,7 +142,7 @@ def _check_common(cfg: DictConfig, stage: str | None) -> None:
     for role in colocated:
         _check(role in PPO_ROLES, "ray.colocate", f"names '{role}'; roles are {', '.join(PPO_ROLES)}")
     _check(len(colocated) == len(set(colocated)), "ray.colocate", "names a role more than once")
-    longest_sample = {"actor": cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+    longest_sample = {"actor": cfg.data.max_prompt_tokens + response_budget(cfg.rollout),
                       "sft": cfg.sft.data.max_tokens, "rm": 2 * cfg.rm.data.max_tokens}  # rm: a pair
     longest_sample["critic"] = longest_sample["actor"]
     for role in trainer_roles(cfg, stage):
@@ -200,9 +200,12 @@ def _check_ppo(cfg: DictConfig) -> None:
         _check(cfg.rollout.n >= 2, "rollout.n",
                f"must be >= 2 for algorithm.estimator={algo.estimator} (it compares samples of a prompt)")
     _check_reward(cfg)
+    _check(not cfg.rollout.tools or cfg.rollout.env == "tools", "rollout.tools",
+           "is for rollout.env=tools (the built-in tool-calling environment)")
     if cfg.rollout.env:
         _check(cfg.rollout.env != "tools" or bool(cfg.rollout.tools), "rollout.tools",
-               "is needed with rollout.env=tools: a Python file whose functions are the tools")
+               "is needed with rollout.env=tools: a built-in tool set (calculator) or a Python file whose "
+               "functions are the tools")
         _check(response_budget(cfg.rollout) >= cfg.rollout.max_new_tokens, "rollout.max_total_tokens",
                f"({cfg.rollout.max_total_tokens}) must be 0 or at least rollout.max_new_tokens")
     _check(bool(cfg.data.path or cfg.data.task), "data.path",

@@ -89,15 +89,24 @@ def test_the_calculator_tool_and_the_tool_environment(tmp_path):
 
 def test_an_environment_that_cannot_be_loaded_is_named(tmp_path):
     with pytest.raises(EnvironmentFailure, match="rollout.env 'nowhere': not the built-in `tools`"):
-        agent.environment_class(tool_cfg(tmp_path, "rollout.env=nowhere"))
+        agent.environment_class(tool_cfg(tmp_path, "rollout.env=nowhere", "rollout.tools=''"))
     envs = tmp_path / "envs.py"
     envs.write_text("class NoStep:\n    pass\n")
     with pytest.raises(EnvironmentFailure, match="has no class 'Missing' with a step method"):
-        agent.environment_class(tool_cfg(tmp_path, f"rollout.env={envs}:Missing"))
+        agent.environment_class(tool_cfg(tmp_path, f"rollout.env={envs}:Missing", "rollout.tools=''"))
     with pytest.raises(EnvironmentFailure, match="has no class 'NoStep' with a step method"):
-        agent.environment_class(tool_cfg(tmp_path, f"rollout.env={envs}:NoStep"))
+        agent.environment_class(tool_cfg(tmp_path, f"rollout.env={envs}:NoStep", "rollout.tools=''"))
     with pytest.raises(EnvironmentFailure, match="no Python file"):
         agent.environment_class(tool_cfg(tmp_path, "rollout.tools=missing.py"))
+    with pytest.raises(EnvironmentFailure, match=r"'calculater': no built-in tool set of that name "
+                                                 r"\(calculator\)"):
+        agent.environment_class(tool_cfg(tmp_path, "rollout.tools=calculater"))
+    from rayrlhf.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="'rollout.tools' is for rollout.env=tools"):
+        load_config(None, ["model.path=unused", "data.task=calculator", "rollout.tools=calculator"])
+    with pytest.raises(ConfigError, match="'rollout.tools' is needed with rollout.env=tools"):
+        load_config(None, ["model.path=unused", "data.task=calculator", "rollout.env=tools"])
 
 
 def test_observations_continue_the_chat_template_token_for_token(realistic_models):
@@ -201,7 +210,11 @@ def test_a_trajectory_is_the_sampled_tokens_plus_the_tokenised_observations(engi
             logprobs = torch.tensor(sample.logprobs)
             mask = torch.tensor(sample.action_mask).bool()
             assert (logprobs[~mask] == 0).all() and (logprobs[mask] < 0).all()
-            assert sample.finished and sample.env_reward == 0.75 and sample.env_error is None
+            # Done by the environment; finished too where the last turn ended before max_new_tokens.
+            assert sample.finished == (runs[-1][1][-1] == tok.eos_token_id)
+            assert sample.env_reward == 0.75 and sample.env_error is None
+            # What reward functions read: the turns as decoded, the observations' text between them.
+            assert sample.text == "obs1!".join(env.seen[:2]) + "obs2!" + env.seen[2]
             assert sample.env_metrics["turns"] == 3 and sample.env_metrics["steps"] == 3
 
 
@@ -276,7 +289,7 @@ def test_the_readme_environment_runs_on_the_engine(engine, tmp_path):
     readme = Path(__file__).resolve().parent.parent / "README.md"
     code = re.search(r"<!-- env-example[^\n]*\n```python\n(.*?)```", readme.read_text(), re.DOTALL).group(1)
     (tmp_path / "guess_env.py").write_text(code)
-    cfg = tool_cfg(tmp_path, f"rollout.env={tmp_path / 'guess_env.py'}:GuessNumber")
+    cfg = tool_cfg(tmp_path, f"rollout.env={tmp_path / 'guess_env.py'}:GuessNumber", "rollout.tools=''")
     env_class = agent.environment_class(cfg)
     env = env_class("Guess my number.", target=7)
     assert env.step("is it 3?") == ("higher", 0.0, False)
