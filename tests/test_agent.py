@@ -359,9 +359,9 @@ def test_the_tiny_agent_learns_to_call_the_calculator(tiny_agent):
 
 @pytest.mark.integration
 def test_an_agent_run_resumes_with_asynchronous_rollouts(tiny_agent, tmp_path):
-    """Asynchronous GRPO through the environment, from the SFT policy: staleness is counted per
-    trajectory batch, and a run resumed from its step-2 checkpoint trains on exactly what the
-    uninterrupted one did."""
+    """Asynchronous PPO with a critic (GAE over the model's tokens) through the environment, from the
+    SFT policy, the engine colocated with the actor: staleness is counted per trajectory batch, and
+    a run resumed from its step-2 checkpoint trains on exactly what the uninterrupted one did."""
     import math
 
     from rayrlhf.driver import train
@@ -373,6 +373,7 @@ def test_an_agent_run_resumes_with_asynchronous_rollouts(tiny_agent, tmp_path):
             f"model.path={out / 'sft' / 'model'}", "model.build_tiny=false", f"output_dir={where}",
             "trainer.total_steps=4", "trainer.prompts_per_step=16", "algorithm.train_batch_size=64",
             "trainer.async_rollout=true", "algorithm.tis_cap=2.0", "trainer.checkpoint_every=2",
+            "algorithm.estimator=gae", "critic.micro_batch_size=64", "ray.colocate=[[rollout, actor]]",
             "eval.every=0", *more]))
 
     whole = run(tmp_path / "whole")
@@ -381,5 +382,5 @@ def test_an_agent_run_resumes_with_asynchronous_rollouts(tiny_agent, tmp_path):
     assert [m["step"] for m in rest] == [3, 4]
     for resumed, uninterrupted in zip(rest, whole[2:], strict=True):
         for key in ("reward/mean", "rollout/turns_mean", "rollout/tool_calls", "response/length_mean",
-                    "loss/policy", "rollout/staleness"):
+                    "loss/policy", "loss/value", "values/mean", "rollout/staleness"):
             assert math.isclose(resumed[key], uninterrupted[key], rel_tol=1e-4, abs_tol=1e-6), key
