@@ -299,10 +299,9 @@ class EpisodeRunner:
     long trajectory does not hold the others, and environment steps run in threads of their own
     (up to rollout.env_concurrency at once) while the engine goes on with the others' turns."""
 
-    def __init__(self, rollout_cfg, env_class: type, tokenizer, eos_token_id: int | None):
+    def __init__(self, rollout_cfg, env_class: type, tokenizer):
         self.cfg, self.env_class, self.tokenizer = rollout_cfg, env_class, tokenizer
         self.encoder = ObservationEncoder(tokenizer)
-        self.eos_token_id = eos_token_id
         self.budget = response_budget(rollout_cfg)
         if getattr(tokenizer, "chat_template", None):  # a template that cannot take turns fails here
             for probe in ("probe", {"role": "tool", "content": "probe"}):
@@ -378,7 +377,7 @@ class EpisodeRunner:
             t.over = True  # cut: not done
             return
         last = t.last_turn
-        ended_with_eos = bool(last.token_ids) and last.token_ids[-1] == self.eos_token_id
+        ended_with_eos = bool(last.token_ids) and last.token_ids[-1] == self.tokenizer.eos_token_id
         tokens = [] if observation is None else self.encoder.encode(observation, t.chat, ended_with_eos)
         if len(tokens) >= room:  # no room left for the model to answer it
             t.over = True

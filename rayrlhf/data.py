@@ -74,7 +74,7 @@ def encode_prompts(tokenizer, prompts: list, chat_template: bool) -> list[list[i
     ids: list[list[int] | None] = [None] * len(prompts)
     templated, plain = [], []
     for i, prompt in enumerate(prompts):
-        (plain if isinstance(prompt, str) and not chat_template else templated).append(i)
+        (templated if through_template(prompt, chat_template) else plain).append(i)
     if templated:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat template, which conversational prompts and "
@@ -88,6 +88,12 @@ def encode_prompts(tokenizer, prompts: list, chat_template: bool) -> list[list[i
         for i, row in zip(plain, tokenizer([prompts[i] for i in plain]).input_ids, strict=True):
             ids[i] = row
     return ids
+
+
+def through_template(prompt: str | list[dict], chat_template: bool) -> bool:
+    """Whether a prompt goes through the chat template: a conversation always, a string when
+    data.chat_template."""
+    return chat_template or not isinstance(prompt, str)
 
 
 def _as_conversation(prompt: str | list[dict]) -> list[dict]:
@@ -241,7 +247,7 @@ def _encode(rows: list, fields: tuple[str, ...], keys: tuple[str, ...], stage: s
                                                           f"{stage}.data.prompt_field")],
                                 data_cfg.chat_template)[0]
         if stage == "sft":
-            chat = data_cfg.chat_template or isinstance(row.get(data_cfg.prompt_field), list)
+            chat = through_template(row.get(data_cfg.prompt_field), data_cfg.chat_template)
             response, trained = _sft_response(row, fields[0], where, data_cfg, tokenizer, chat)
             if response is None:
                 counts["empty_response"] += 1

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from rayrlhf.algorithms import response_mask
 from rayrlhf.batch import Batch, build_batch
 from rayrlhf.cluster import RoleClock, RoleGroup
-from rayrlhf.data import Prompt
+from rayrlhf.data import Prompt, through_template
 from rayrlhf.errors import RayRLHFError
 from rayrlhf.weight_channel import WeightChannel
 
@@ -84,9 +84,8 @@ class RolloutService:
         n = len(self.engines.actors)
         columns = [split_evenly([p.token_ids for p in prompts], n), split_evenly(seeds, n)]
         if self.cfg.rollout.env:  # the environments get the rows
-            chat = self.cfg.data.chat_template
             rows = [{"prompt": p.text, "fields": p.fields, "row": p.row,
-                     "chat": chat or isinstance(p.text, list)} for p in prompts]
+                     "chat": through_template(p.text, self.cfg.data.chat_template)} for p in prompts]
             columns.append(split_evenly(rows, n))
         shards = list(zip(*columns, strict=True))
         refs = self.engines.scatter("generate", shards, greedy=greedy)

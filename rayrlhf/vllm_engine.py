@@ -46,9 +46,8 @@ class VLLMEngine(RolloutEngine):
         self.episodes = None
         self.turn_ids = itertools.count()
         if rollout_cfg.env:
-            tokenizer = self.llm.get_tokenizer()
-            self.episodes = agent.EpisodeRunner(rollout_cfg, agent.environment_class(rollout_cfg), tokenizer,
-                                                tokenizer.eos_token_id)
+            self.episodes = agent.EpisodeRunner(rollout_cfg, agent.environment_class(rollout_cfg),
+                                                self.llm.get_tokenizer())
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None,
                  rows: list[dict] | None = None, greedy: bool = False) -> list[list[Sample]]:

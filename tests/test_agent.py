@@ -172,7 +172,7 @@ def run(engine, env_class, *overrides, prompts=("12*34=", "56*78=", "90*12="), s
     cfg = load_config(None, ["model.path=unused", "data.task=calculator", "rollout.env=x.py:X",
                              "rollout.max_new_tokens=6", "rollout.n=2", *overrides]).rollout
     tok = engine.llm.get_tokenizer()
-    runner = agent.EpisodeRunner(cfg, env_class, tok, tok.eos_token_id)
+    runner = agent.EpisodeRunner(cfg, env_class, tok)
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     rows = [{"prompt": p, "fields": {}, "chat": False, "row": 10 + i} for i, p in enumerate(prompts)]
     return runner.run(_VLLMTurns(engine), ids, rows, list(seeds), greedy=False), tok
@@ -300,7 +300,7 @@ def test_the_readme_environment_runs_on_the_engine(engine, tmp_path):
     cfg = load_config(None, ["model.path=unused", "data.task=calculator", "rollout.env=guess_env.py:G",
                              "rollout.max_new_tokens=4", "rollout.max_turns=3"]).rollout
     tok = engine.llm.get_tokenizer()
-    runner = agent.EpisodeRunner(cfg, env_class, tok, tok.eos_token_id)
+    runner = agent.EpisodeRunner(cfg, env_class, tok)
     rows = [{"prompt": "guess=", "fields": {"target": str(t)}, "chat": False} for t in (1, 2)]
     groups = runner.run(_VLLMTurns(engine), [tok("guess=", add_special_tokens=False)["input_ids"]] * 2, rows,
                         [1, 2], greedy=True)
