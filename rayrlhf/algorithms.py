@@ -240,29 +240,53 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, advantages + values
 
 
+POLICY_LOSSES = ("ppo", "cispo")
+RATIO_LEVELS = ("token", "sequence")
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_low: float, clip_high: float | None = None,
                 dual_clip: float | None = None, agg: str = "token_mean", norm_len: int | None = None,
-                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, per token max(-ratio A, -clip(ratio, 1 - low, 1 + high) A).
+                is_weights: torch.Tensor | None = None, kind: str = "ppo",
+                ratio_level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy-gradient loss of the importance ratio r = pi / pi_old, clipped to
+    [1 - clip_low, 1 + clip_high] (clip_high > clip_low is DAPO's "clip-higher"):
 
-    clip_high > clip_low is "clip-higher" (DAPO). dual_clip = c > 1 also caps the loss of
-    negative-advantage tokens at -c A, so a huge ratio cannot blow it up. is_weights multiply
-    each token's loss (truncated importance sampling against the engine's sampling policy).
+      ppo:   per token max(-r A, -clip(r) A), PPO's clipped surrogate; dual_clip = c > 1 also caps
+             the loss of negative-advantage tokens at -c A, so a huge ratio cannot blow it up.
+      cispo: per token -sg(clip(r)) A log pi (CISPO): the clipped ratio only weighs the token's
+             REINFORCE gradient, so no token loses its gradient to clipping.
+
+    ratio_level "sequence" is GSPO's ratio: s = exp(mean over the response of log r), the same
+    for every token of a response (so clipping keeps or drops whole responses), in its token form
+    sg(s) pi / sg(pi), whose gradient is s grad log pi per token. is_weights multiply each token's
+    loss (truncated importance sampling against the engine's sampling policy).
     """
     clip_high = clip_low if clip_high is None else clip_high
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.max(unclipped, clipped)
-    if dual_clip is not None:
-        per_token = torch.where(advantages < 0, torch.min(per_token, -advantages * dual_clip), per_token)
+    log_ratio = logprobs - old_logprobs
+    if ratio_level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, dim=1).detach()[:, None] + logprobs - logprobs.detach()
+    elif ratio_level != "token":
+        raise ValueError(f"unknown ratio level {ratio_level!r}")
+    ratio = torch.exp(log_ratio)
+    bounded = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    if kind == "ppo":
+        unclipped, clipped = -advantages * ratio, -advantages * bounded
+        per_token = torch.max(unclipped, clipped)
+        if dual_clip is not None:
+            per_token = torch.where(advantages < 0, torch.min(per_token, -advantages * dual_clip), per_token)
+        clipped_tokens = clipped > unclipped
+    elif kind == "cispo":
+        per_token = -advantages * bounded.detach() * logprobs
+        clipped_tokens = bounded != ratio
+    else:
+        raise ValueError(f"unknown policy loss {kind!r}")
     if is_weights is not None:
         per_token = per_token * is_weights
     loss = aggregate(per_token, mask, agg, norm_len)
     with torch.no_grad():
         stats = {
-            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
+            "clip_frac": masked_mean(clipped_tokens.float(), mask),
             "approx_kl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
@@ -407,14 +431,23 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, {"clip_frac": clip_frac}
 
 
-def shape_scores(scores: torch.Tensor, truncated: torch.Tensor, valid: torch.Tensor,
-                 truncated_penalty: float, normalize: bool, clip: float | None,
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment, per response of `lengths` tokens out of at most `max_len`:
+    0 up to max_len - buffer, then falling linearly to -penalty at max_len (0 everywhere when
+    buffer is 0)."""
+    if buffer == 0:
+        return torch.zeros(lengths.shape)
+    over = (lengths.float() - (max_len - buffer)).clamp(0.0, float(buffer))
+    return -penalty * over / buffer
+
+
+def shape_scores(scores: torch.Tensor, valid: torch.Tensor, normalize: bool, clip: float | None,
                  like: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """Score post-processing, in order: add the penalty to truncated responses, normalise over the
-    batch's valid samples, clip to [-clip, clip]. Invalid samples get 0. `like` (penalised scores
-    and valid flags of another batch) normalises by that batch's statistics instead: ReMax's greedy
-    baseline must be on the scale of the samples it is subtracted from."""
-    out = scores + truncated_penalty * truncated
+    """Score post-processing, in order: normalise over the batch's valid samples, clip to
+    [-clip, clip]. Invalid samples get 0. `like` (scores and valid flags of another batch)
+    normalises by that batch's statistics instead: ReMax's greedy baseline must be on the scale of
+    the samples it is subtracted from."""
+    out = scores
     if normalize:
         reference, reference_valid = like if like is not None else (out, valid)
         reference_valid = reference_valid.float()
@@ -425,6 +458,16 @@ def shape_scores(scores: torch.Tensor, truncated: torch.Tensor, valid: torch.Ten
     if clip is not None:
         out = out.clamp(-clip, clip)
     return out * valid.float()
+
+
+def informative_groups(scores: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[G] whether each group of `group_size` consecutive samples (one prompt's) can teach anything
+    to an estimator that compares them: at least two valid samples whose scores are not all equal
+    (DAPO's dynamic sampling keeps only those)."""
+    s, v = scores.view(-1, group_size), valid.view(-1, group_size).bool()
+    highest = torch.where(v, s, float("-inf")).amax(dim=1)
+    lowest = torch.where(v, s, float("inf")).amin(dim=1)
+    return (v.sum(dim=1) >= 2) & (highest > lowest)
 
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
@@ -498,3 +541,44 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.T
     """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), mean over pairs, and the accuracy."""
     margin = chosen.float() - rejected.float()
     return -torch.nn.functional.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
+
+
+def preference_loss(logps: torch.Tensor, lengths: torch.Tensor, ref_logps: torch.Tensor | None, kind: str,
+                    beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 0.0
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference optimisation and its relatives, mean over pairs. `logps` [B, 2] are the
+    policy's summed log-probs of the chosen (column 0) and rejected (1) responses of `lengths`
+    tokens, `ref_logps` the frozen reference's (None for simpo). The implicit reward of a response
+    is r = beta (log pi - log pi_ref), and m = r_chosen - r_rejected:
+
+      sigmoid: -(1 - e) log sigmoid(m) - e log sigmoid(-m), DPO, with label smoothing e (cDPO: a
+               share e of the pairs taken as mislabelled)
+      ipo:     (m / beta - 1 / (2 beta))^2, on log-probs averaged over each response's tokens (IPO)
+      hinge:   max(0, 1 - m) (SLiC)
+      simpo:   the sigmoid loss of m - gamma with r = beta x the average log-prob of the response: no
+               reference, rewards length-normalised, a target margin gamma (SimPO)
+
+    Stats: the mean rewards of both responses, their mean margin m, and the accuracy (the share of
+    pairs whose chosen response has the higher reward)."""
+    if kind in ("ipo", "simpo"):
+        logps = logps / lengths.clamp(min=1)
+        ref_logps = None if ref_logps is None else ref_logps / lengths.clamp(min=1)
+    rewards = beta * (logps if kind == "simpo" else logps - ref_logps)
+    margin = rewards[:, 0] - rewards[:, 1]
+    if kind in ("sigmoid", "simpo"):
+        logits = margin - simpo_gamma if kind == "simpo" else margin
+        losses = -(1 - label_smoothing) * torch.nn.functional.logsigmoid(logits) \
+            - label_smoothing * torch.nn.functional.logsigmoid(-logits)
+    elif kind == "ipo":
+        losses = (margin / beta - 1 / (2 * beta)) ** 2
+    elif kind == "hinge":
+        losses = torch.relu(1 - margin)
+    else:
+        raise ValueError(f"unknown preference loss {kind!r}")
+    rewards, margin = rewards.detach(), margin.detach()
+    stats = {"rewards_chosen": rewards[:, 0].mean(), "rewards_rejected": rewards[:, 1].mean(),
+             "margin": margin.mean(), "accuracy": (margin > 0).float().mean()}
+    return losses.mean(), stats

@@ -54,6 +54,30 @@ def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
     })
 
 
+def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
+    """The rows of `batches` in one batch of the shared layout: prompts left-padded to the longest
+    prompt width, responses right-padded to the longest response width. Per-row tensors [B] are
+    joined; [B, N] ones (aligned with the responses) and [B, P + N] ones (with the sequences) are
+    padded, with pad_id in `sequences` and 0 elsewhere."""
+    prompt_len = max(b.prompt_len for b in batches)
+    widths = [b["sequences"].shape[1] - b.prompt_len for b in batches]
+    response_len = max(widths)
+    tensors = {}
+    for key in batches[0].tensors:
+        fill = pad_id if key == "sequences" else 0
+        parts = []
+        for b, width in zip(batches, widths, strict=True):
+            t = b[key]
+            if t.dim() > 1:
+                prompt = t[:, :t.shape[1] - width]  # empty for the response-aligned tensors
+                right = t.new_full((len(t), response_len - width), fill)
+                left = t.new_full((len(t), prompt_len - b.prompt_len if prompt.shape[1] else 0), fill)
+                t = torch.cat([left, prompt, t[:, prompt.shape[1]:], right], dim=1)
+            parts.append(t)
+        tensors[key] = torch.cat(parts)
+    return Batch(prompt_len, tensors)
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions count real tokens only, so left padding does not shift them (vLLM sees no pad)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -32,9 +32,11 @@ PPO_RESUME_KEYS = ("model.path", "model.tokenizer", "model.dtype", "critic.model
 
 
 def supervised_resume_keys(stage: str) -> tuple[str, ...]:
-    """An SFT or RM checkpoint: its model, layout over ranks, and data order (path, batch, seed)."""
-    return ("seed", "model.path", "model.dtype", *(f"{stage}.{key}" for key in (
-        "model_path", "num_ranks", "zero_stage", "lora", "batch_size", "data.path")))
+    """An SFT, RM or DPO checkpoint: its model, layout over ranks, and data order (path, batch,
+    seed); for DPO also the loss (SimPO's checkpoints hold no reference log-probs)."""
+    own = ("model_path", "num_ranks", "zero_stage", "lora", "batch_size", "data.path") + \
+        (("loss",) if stage == "dpo" else ())
+    return ("seed", "model.path", "model.dtype", *(f"{stage}.{key}" for key in own))
 
 
 def resume_keys(cfg, keys: tuple[str, ...]) -> dict:

@@ -1,4 +1,4 @@
-"""`rayrlhf {train,sft,rm,pipeline} --config conf/FILE.yaml [key=value ...]` and
+"""`rayrlhf {train,sft,rm,dpo,pipeline,bench} --config conf/FILE.yaml [key=value ...]` and
 `rayrlhf serve-rm --model PATH`."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ DEFAULT_CONFIG = "conf/tiny_ppo.yaml"
 COMMANDS = {"train": "run PPO (or a critic-free relative)",
             "sft": "supervised fine-tuning on (prompt, response) data",
             "rm": "reward-model training on (prompt, chosen, rejected) pairs",
-            "pipeline": "SFT, then reward model, then PPO, in one output directory",
+            "dpo": "direct preference optimisation (or IPO, hinge, cDPO, SimPO) on (prompt, chosen, "
+                   "rejected) pairs",
+            "pipeline": "SFT, then reward model, then PPO (or SFT, then DPO), in one output directory",
             "bench": "throughput per stage, sweeps, and TRL's GRPOTrainer on the same point"}
-PRESETS = {"train": DEFAULT_CONFIG, "bench": "conf/bench_cpu.yaml"}
+PRESETS = {"train": DEFAULT_CONFIG, "bench": "conf/bench_cpu.yaml", "dpo": "conf/tiny_dpo.yaml"}
 
 
 def _default_config(command: str) -> Path:

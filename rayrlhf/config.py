@@ -10,7 +10,14 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rayrlhf.algorithms import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from rayrlhf.algorithms import (
+    ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    PREFERENCE_LOSSES,
+    RATIO_LEVELS,
+)
 from rayrlhf.rollout import ENGINES
 from rayrlhf.tiny import TEST_FAMILIES
 from rayrlhf.validation import LR_SCHEDULES, WEIGHT_TRANSPORTS, ConfigError, rule, validate
@@ -163,6 +170,11 @@ class RewardConfig(ReferenceConfig):
     remote_retries: int = rule(2, ge=0)
     # Added to the score of responses cut at max_new_tokens (e.g. -1.0); 0 is off.
     truncated_penalty: float = 0.0
+    # DAPO's soft overlong punishment: over the last `overlong_buffer` tokens before the length
+    # limit (rollout.max_new_tokens; with an environment the trajectory's budget) the penalty grows
+    # linearly from 0 to `overlong_penalty` at the limit, subtracted from the score; 0 is off.
+    overlong_buffer: int = rule(0, ge=0)
+    overlong_penalty: float = rule(1.0, ge=0)
     # Normalise scores over the batch (zero mean, unit variance), then clip to +-clip (0 is off).
     normalize: bool = False
     clip: float = rule(0.0, ge=0)
@@ -273,8 +285,25 @@ class SFTConfig(SupervisedStageConfig):
 
 
 @dataclass
+class DPOConfig(SupervisedStageConfig):
+    """Direct preference optimisation (and relatives) on (prompt, chosen, rejected) rows, as the
+    reward-model stage reads them. The reference is the starting policy: the ranks compute its
+    log-probs of every pair once, before their first step (see rayrlhf.supervised)."""
+    # sigmoid (DPO), ipo, hinge (SLiC), simpo (reference-free, length-normalised, with a margin).
+    loss: str = rule("sigmoid", one_of=PREFERENCE_LOSSES)
+    beta: float = rule(0.1, gt=0)
+    # The share of pairs taken as mislabelled (cDPO; sigmoid and simpo).
+    label_smoothing: float = rule(0.0, ge=0, lt=0.5)
+    # SimPO's target margin between the chosen and rejected length-normalised rewards.
+    simpo_gamma: float = rule(0.5, ge=0)
+    # Each pair's two responses follow one copy of its prompt in a row (the prompt computed once).
+    packing: bool = False
+
+
+@dataclass
 class PipelineConfig:
-    # Stages that run, in this order, each reading the previous one's checkpoint.
+    # Stages that run, in this order, each reading the previous one's checkpoint: [sft, rm, ppo] or a
+    # part of it, or [sft, dpo] (DPO in place of the reward model and PPO).
     stages: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
     # Stages to run again although their outputs exist (the stages after them rerun too).
     rerun: list[str] = field(default_factory=list)
@@ -282,6 +311,20 @@ class PipelineConfig:
     rm_weight: float = 1.0
     # Start the PPO critic from the trained reward model (as InstructGPT does).
     critic_from_rm: bool = True
+
+
+@dataclass
+class DynamicSamplingConfig:
+    # DAPO's dynamic sampling: prompt groups whose rollout.n rewards (the sources' sum, before the
+    # truncation and overlong penalties) are all equal teach nothing to a group estimator; they are
+    # dropped, and more prompts are sampled until the step has trainer.prompts_per_step
+    # informative groups.
+    enable: bool = False
+    # Each round samples oversample x prompts_per_step prompts (rounded up).
+    oversample: float = rule(1.0, ge=1)
+    # Rounds after the first at most. Still short then, the step trains on the informative groups
+    # found (the rest of the batch masked out) and says so; with none at all the run stops.
+    max_extra_rounds: int = rule(4, ge=0)
 
 
 @dataclass
@@ -293,8 +336,18 @@ class AlgorithmConfig:
     # PPO clip range [1 - clip_eps, 1 + clip_eps_high]; clip_eps_high unset means clip_eps.
     clip_eps: float = rule(0.2, gt=0, lt=1)
     clip_eps_high: float | None = rule(None, gt=0)
-    # Dual clip c > 1 caps the loss of negative-advantage tokens at c |A|; unset is off.
+    # Dual clip c > 1 caps the loss of negative-advantage tokens at c |A|; unset is off (ppo only).
     dual_clip: float | None = rule(None, gt=1)
+    # ppo: the clipped surrogate; cispo: the clipped ratio as a stop-gradient weight on every
+    # token's log-prob gradient (CISPO, MiniMax-M1), so clipping drops no token.
+    policy_loss: str = rule("ppo", one_of=POLICY_LOSSES)
+    # token: a ratio per token; sequence: GSPO's length-normalised ratio of the whole response,
+    # clipped per response (its paper's clip range is ~3e-4 / 4e-4, with seq_mean_token_mean).
+    ratio_level: str = rule("token", one_of=RATIO_LEVELS)
+    # Leave responses cut at the length limit out of the loss (DAPO's overlong filtering); they still
+    # count in their group's statistics.
+    mask_truncated: bool = False
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     entropy_coef: float = rule(0.0, ge=0)
     # token_mean, seq_mean_token_mean or seq_mean_token_sum_norm (normalised by max_new_tokens).
     loss_agg: str = rule("token_mean", one_of=LOSS_AGGREGATIONS)
@@ -439,6 +492,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: SupervisedStageConfig = field(default_factory=SupervisedStageConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 

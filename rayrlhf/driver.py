@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +29,12 @@ from rayrlhf.checkpoint import (
 from rayrlhf.cluster import start_ray
 from rayrlhf.data import PromptSampler, load_prompts
 from rayrlhf.errors import EnvironmentFailure, Interrupted, RayRLHFError, RewardError
+from rayrlhf.evaluation import held_out_prompts, rule_scores
 from rayrlhf.metrics import MetricsLog, StageTimer
 from rayrlhf.modeling import check_model_path, load_tokenizer
 from rayrlhf.rewards import load_reward_function
-from rayrlhf.rollout_service import Rollout, RolloutService
+from rayrlhf.rollout import response_budget
+from rayrlhf.rollout_service import Rollout, RolloutService, join_rollouts
 from rayrlhf.system import RLHFSystem
 from rayrlhf.tiny import ensure_tiny_model
 
@@ -42,7 +45,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
     output_dir = Path(cfg.output_dir)
     tokenizer = prepare_models(cfg)
     prompts = load_prompts(cfg.data, tokenizer, cfg.seed)
-    sampler = PromptSampler(prompts, cfg.trainer.prompts_per_step, cfg.seed)
+    sampler = PromptSampler(prompts, prompts_per_round(cfg), cfg.seed)
     evaluator = Evaluator(cfg, tokenizer) if cfg.eval.every else None
     resume_from = resolve_resume(cfg.resume, output_dir)
     resumed = None if resume_from is None else check_resumable(resume_from, cfg, PPO_RESUME_KEYS)
@@ -59,6 +62,7 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
         kl_ctl = alg.AdaptiveKLController(algo.kl_coef, algo.kl_target or None, algo.kl_horizon)
         ahead = cfg.trainer.max_staleness if cfg.trainer.async_rollout else 0
         rollouts = RolloutQueue(system.rollout, sampler, ahead, cfg.trainer.total_steps)
+        dynamic = DynamicSampling(cfg, system, sampler) if algo.dynamic_sampling.enable else None
         first_step = 1 if resume_from is None else resume(system, resume_from, resumed, kl_ctl, rollouts)
         log = MetricsLog(output_dir, cfg.trainer.total_steps, first_step, logging_cfg=cfg.logging,
                          config=OmegaConf.to_container(cfg, resolve=True))
@@ -72,14 +76,21 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
                 greedy = None
                 if algo.estimator == "remax":  # the greedy baseline of the same prompts
                     greedy = system.rollout.generate(rollout.source, step, greedy=True)
+            with timer("experience"):
+                score_rollout(rollout, system.rewards(rollout), cfg)
+            feedback = {}
+            if dynamic is not None:  # more prompts, until the step has enough groups that teach anything
+                rollout, feedback = dynamic.fill(rollout, step, timer)
+            with timer("generate"):
                 system.rollout.release()  # rollout.sleep: their GPU memory is the trainers' until the sync
             with timer("experience"):
-                feedback = apply_rewards(rollout, system.rewards(rollout), cfg.reward)
+                feedback |= shape_rewards(rollout, cfg.reward)
                 if cfg.logging.samples_per_step:
                     log.samples(sample_records(step, rollout, cfg.logging.samples_per_step))
                 baseline = None
                 if greedy is not None:
-                    apply_rewards(greedy, system.rewards(greedy), cfg.reward, like=rollout)
+                    score_rollout(greedy, system.rewards(greedy), cfg)
+                    shape_rewards(greedy, cfg.reward, like=rollout)
                     baseline = greedy.batch["scores"]
                 system.model_outputs(rollout.batch, old_logprobs=separate_old_logprobs)
                 feedback |= add_advantages(rollout.batch, algo, kl_ctl.coef, cfg.rollout.n, baseline)
@@ -164,6 +175,84 @@ class RolloutQueue:
                              for step, r in state["drawn"])
 
 
+def prompts_per_round(cfg: DictConfig) -> int:
+    """Prompts sampled per generation: trainer.prompts_per_step, times the over-sampling factor
+    with dynamic sampling."""
+    dynamic = cfg.algorithm.dynamic_sampling
+    factor = dynamic.oversample if dynamic.enable else 1.0
+    return math.ceil(cfg.trainer.prompts_per_step * factor)
+
+
+Groups = list[tuple[int, int]]  # (round, group) pairs
+
+
+def choose_groups(informative: list[list[bool]], need: int) -> tuple[Groups, Groups]:
+    """Dynamic sampling's choice among the rounds' groups (`informative[r][g]`: whether group g of
+    round r is): the first `need` informative ones as (round, group), and, if there are fewer, the
+    first uninformative ones to fill the batch."""
+    flags = [(r, g, ok) for r, of_round in enumerate(informative) for g, ok in enumerate(of_round)]
+    kept = [(r, g) for r, g, ok in flags if ok][:need]
+    return kept, [(r, g) for r, g, ok in flags if not ok][:need - len(kept)]
+
+
+class DynamicSampling:
+    """DAPO's dynamic sampling (algorithm.dynamic_sampling). A prompt group whose rewards are all
+    equal (alg.informative_groups, on the reward sources' sum: the penalties only shape what the
+    rewards teach) has nothing to teach a group estimator: it is dropped, and more rounds of prompts are sampled (with the same weights) and scored until
+    the step has trainer.prompts_per_step informative groups, at most `max_extra_rounds` more. The
+    first prompts_per_step informative groups train; the surplus is discarded."""
+
+    def __init__(self, cfg: DictConfig, system: RLHFSystem, sampler: PromptSampler):
+        self.cfg, self.system, self.sampler = cfg, system, sampler
+
+    def fill(self, rollout: Rollout, step: int, timer: StageTimer) -> tuple[Rollout, dict[str, float]]:
+        """The step's batch from its first, scored round `rollout`, and the metrics of the rounds."""
+        n, need = self.cfg.rollout.n, self.cfg.trainer.prompts_per_step
+        rounds = [rollout]
+        informative = []  # per round, which of its groups are
+        while True:
+            last = rounds[-1].batch
+            informative.append(alg.informative_groups(last["raw_scores"], last["valid"], n).tolist())
+            found = sum(map(sum, informative))
+            if found >= need or len(rounds) > self.cfg.algorithm.dynamic_sampling.max_extra_rounds:
+                break
+            with timer("generate"):
+                more = self.system.rollout.generate(self.sampler.next_batch(), step, attempt=len(rounds))
+            with timer("experience"):
+                score_rollout(more, self.system.rewards(more), self.cfg)
+            rounds.append(more)
+        groups = sum(map(len, informative))
+        if found == 0:
+            saved = complete_checkpoints(Path(self.cfg.output_dir))
+            raise RayRLHFError(f"step {step}: dynamic sampling found no prompt group whose rewards differ "
+                               f"in {len(rounds)} rounds ({groups} groups of rollout.n={n}): the prompts "
+                               "are all too easy or all too hard for the policy, or its samples all alike "
+                               "(or the reward is constant); check them, or raise algorithm.dynamic_sampling"
+                               ".max_extra_rounds or oversample" +
+                               (f"; the last checkpoint is {saved[-1]}" if saved else ""))
+        kept, top_up = choose_groups(informative, need)
+        shortfall = len(top_up)
+
+        def parts(chosen: Groups) -> list[Rollout]:
+            return [rounds[r].groups([g for of_round, g in chosen if of_round == r], n)
+                    for r in range(len(rounds))]
+
+        merged = join_rollouts([p for p in parts(kept) + parts(top_up) if p.prompts],
+                               self.system.rollout.pad_token_id)
+        if shortfall:
+            merged.batch["mask"][(need - shortfall) * n:] = 0.0
+            tqdm.write(f"step {step}: dynamic sampling found {found} of trainer.prompts_per_step={need} "
+                       f"informative prompt groups in {len(rounds)} rounds; {shortfall} uninformative "
+                       "ones fill the batch, left out of the loss")
+        valid = torch.cat([r.batch["valid"] for r in rounds]).bool()
+        raw = torch.cat([r.batch["raw_scores"] for r in rounds])
+        return merged, {"dynamic_sampling/rounds": float(len(rounds)),
+                        "dynamic_sampling/groups_dropped": float(groups - found),
+                        "dynamic_sampling/groups_surplus": float(max(0, found - need)),
+                        "dynamic_sampling/shortfall": float(shortfall),
+                        "dynamic_sampling/reward_mean_all": raw[valid].mean().item()}
+
+
 def actor_died(err: ray.exceptions.RayActorError, system: RLHFSystem | None, output_dir: Path
                ) -> RayRLHFError:
     """A role that cannot be restarted in place (a trainer rank, a scorer) died: the run stops,
@@ -199,14 +288,16 @@ def resume(system: RLHFSystem, path: Path, state: dict, kl_ctl, rollouts: Rollou
     return state["step"] + 1
 
 
-def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
-                  like: Rollout | None = None) -> dict[str, float]:
-    """Checks the reward workers' output, then puts the raw and the shaped scores into the batch.
+def score_rollout(rollout: Rollout, rewards: dict, cfg: DictConfig) -> None:
+    """Checks the reward workers' output, then puts into the batch `valid`, `raw_scores` (the sum of
+    the reward sources: what dynamic sampling compares) and `penalised_scores` (with
+    reward.truncated_penalty and the overlong penalty: what the estimator gets once normalised and
+    clipped), and the sources' own metrics into the rollout.
 
     An unusable reward stops the run naming the sample, unless reward.skip_invalid, which drops
-    the sample from training (its mask becomes 0) and counts it. `like` is the rollout whose
-    statistics reward.normalize uses (ReMax's greedy baseline is scaled as the samples are).
+    the sample from training (its mask becomes 0) and counts it.
     """
+    reward_cfg = cfg.reward
     scores, reasons, batch = rewards["scores"], rewards["reasons"], rollout.batch
     if "env_scores" in batch.tensors:  # the environment's summed step rewards: one more source
         scores = scores + batch["env_scores"]
@@ -231,15 +322,29 @@ def apply_rewards(rollout: Rollout, rewards: dict, reward_cfg,
     raw = scores.nan_to_num(0.0)
     batch["valid"], batch["raw_scores"] = valid.float(), raw
     batch["mask"] = batch["mask"] * batch["valid"][:, None]
-    penalty = reward_cfg.truncated_penalty
-    reference = None if like is None else \
-        (like.batch["raw_scores"] + penalty * like.batch["truncated"], like.batch["valid"])
-    batch["scores"] = alg.shape_scores(raw, batch["truncated"], valid, penalty, reward_cfg.normalize,
+    overlong = alg.overlong_penalty(batch["response_lengths"], response_budget(cfg.rollout),
+                                    reward_cfg.overlong_buffer, reward_cfg.overlong_penalty)
+    batch["penalised_scores"] = raw + reward_cfg.truncated_penalty * batch["truncated"] + overlong
+    rollout.reward_metrics = rewards["metrics"]
+    if reward_cfg.overlong_buffer:
+        rollout.reward_metrics = {**rollout.reward_metrics, "overlong_penalty": overlong}
+
+
+def shape_rewards(rollout: Rollout, reward_cfg, like: Rollout | None = None) -> dict[str, float]:
+    """The scored rollout's `scores` (its penalised scores normalised and clipped as configured) and
+    its reward metrics. `like` is the rollout whose statistics reward.normalize uses (ReMax's greedy
+    baseline is scaled as the samples are)."""
+    batch = rollout.batch
+    valid = batch["valid"].bool()
+    reference = None if like is None else (like.batch["penalised_scores"], like.batch["valid"])
+    batch["scores"] = alg.shape_scores(batch["penalised_scores"], valid, reward_cfg.normalize,
                                        reward_cfg.clip or None, like=reference)
+    raw = batch["raw_scores"]
+    failed = batch.tensors.get("env_failed", torch.zeros(len(valid))).bool()
     metrics = {"reward/mean": raw[valid].mean().item(),
                "reward/std": raw[valid].std().item() if valid.sum() > 1 else 0.0,
-               "reward/invalid": float(len(reasons))}
-    for key, values in rewards["metrics"].items():
+               "reward/invalid": float((~valid & ~failed).sum())}
+    for key, values in rollout.reward_metrics.items():
         metrics[f"reward/{key}"] = values[valid].nanmean().item()
     return metrics | environment_metrics(rollout, "rollout")
 
@@ -280,6 +385,8 @@ def add_advantages(batch: Batch, algo, kl_coef: float, group_size: int,
                    greedy_scores: torch.Tensor | None = None) -> dict[str, float]:
     """Per-token rewards (KL penalty and the estimator's outcome signal), then advantages and
     returns: GAE with the critic, or discounted returns for the critic-free estimators."""
+    if algo.mask_truncated:  # DAPO's overlong filtering: they count in their groups, but train nothing
+        batch["mask"] = batch["mask"] * (1 - batch["truncated"])[:, None]
     mask = batch["mask"]
     outcome = alg.outcome_scores(batch["scores"], algo.estimator, group_size, batch["valid"],
                                  greedy_scores)
@@ -317,8 +424,7 @@ class Evaluator:
 
     def __init__(self, cfg: DictConfig, tokenizer):
         self.cfg = cfg.eval
-        self.prompts = load_prompts(cfg.data, tokenizer, cfg.seed + 1, path=cfg.eval.path, size=cfg.eval.size,
-                                    held_out=True)[:cfg.eval.size]
+        self.prompts = held_out_prompts(cfg, tokenizer)
         self.rule = load_reward_function(cfg.eval.function) if cfg.eval.function else None
 
     def __call__(self, system: RLHFSystem, step: int) -> dict[str, float]:
@@ -334,10 +440,7 @@ class Evaluator:
         for key, values in rewards["metrics"].items():
             metrics[f"eval/{key}"] = values[valid].nanmean().item()
         if self.rule is not None:
-            out = self.rule(rollout.prompts, rollout.responses, **rollout.fields)
-            scores, extra = (out.pop("reward"), out) if isinstance(out, dict) else (out, {})
-            metrics["eval/rule_score"] = sum(scores) / len(scores)
-            metrics |= {f"eval/{key}": sum(values) / len(values) for key, values in extra.items()}
+            metrics |= rule_scores(self.rule, rollout.prompts, rollout.responses, rollout.fields)
         return metrics
 
 

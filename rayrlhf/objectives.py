@@ -18,6 +18,7 @@ from rayrlhf.algorithms import (
     kl_estimate,
     pairwise_loss,
     policy_loss,
+    preference_loss,
     value_loss,
 )
 from rayrlhf.batch import Batch, build_batch
@@ -63,6 +64,11 @@ class Objective:
 
     def held_out_sums(self, module, batch: Batch) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__} has no held-out evaluation")
+
+    @staticmethod
+    def held_out_metrics(sums: dict[str, float]) -> dict[str, float]:
+        """The held-out metrics from held_out_sums added up over micro-batches and ranks."""
+        raise NotImplementedError
 
     @staticmethod
     def old_from_forward(batch: Batch) -> bool:
@@ -124,7 +130,7 @@ class PolicyObjective(_PPOObjective):
             is_weights = torch.exp(old_logprobs - batch["engine_logprobs"]).clamp(max=algo.tis_cap)
         loss, stats = policy_loss(logprobs, old_logprobs, batch["advantages"], mask,
                                   algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg,
-                                  self.norm_len, is_weights)
+                                  self.norm_len, is_weights, algo.policy_loss, algo.ratio_level)
         out = {"loss/policy": loss.detach(), **{f"policy/{k}": v for k, v in stats.items()}}
         if entropy is not None:
             entropy_term = aggregate(entropy, mask, algo.loss_agg, self.norm_len)
@@ -191,6 +197,10 @@ class SFTObjective(Objective):
         return {"nll": float(nll), "tokens": float(tokens)}
 
     @staticmethod
+    def held_out_metrics(sums: dict[str, float]) -> dict[str, float]:
+        return {"eval/loss": sums["nll"] / max(sums["tokens"], 1)}
+
+    @staticmethod
     def _nll(module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the response tokens, and their count."""
         return -sft_token_logprobs(module, batch).sum(), batch["loss_mask"][:, 1:].sum()
@@ -215,10 +225,67 @@ class PairwiseRewardObjective(Objective):
         return {"loss": float(loss) * pairs, "correct": float(accuracy) * pairs, "pairs": pairs}
 
     @staticmethod
+    def held_out_metrics(sums: dict[str, float]) -> dict[str, float]:
+        return {"eval/accuracy": sums["correct"] / sums["pairs"], "eval/loss": sums["loss"] / sums["pairs"]}
+
+    @staticmethod
     def _scored(module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores [B, 2] of the pairs, the pairwise loss and the accuracy."""
         scores = pair_scores(module, batch)
         return scores, *pairwise_loss(scores[:, 0], scores[:, 1])
+
+
+@dataclass
+class PreferenceObjective(Objective):
+    """DPO and its relatives (algorithms.preference_loss) on preference pairs laid out by
+    data.preference_batch, against the reference log-probs each batch carries (`ref_logps` [B, 2],
+    none for SimPO); `infer` gives the policy's own, which the ranks compute once before training."""
+
+    loss_kind: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.0
+
+    @classmethod
+    def of(cls, role_cfg, algo=None, sampling: Sampling = Sampling(), norm_len: int = 1) -> Objective:
+        return cls(packing="prompts" if role_cfg.packing else "none", loss_kind=role_cfg.loss,
+                   beta=role_cfg.beta, label_smoothing=role_cfg.label_smoothing,
+                   simpo_gamma=role_cfg.simpo_gamma)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_kind != "simpo"
+
+    def loss(self, module, batch: Batch) -> tuple[torch.Tensor, Stats]:
+        loss, stats = self._scored(module, batch)
+        return loss, {"loss/dpo": loss.detach(), **{f"dpo/{k}": v for k, v in stats.items()}}
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        return torch.ones(len(batch))
+
+    def infer(self, module, batch: Batch) -> torch.Tensor:
+        return self._sequence_logps(module, batch)
+
+    def held_out_sums(self, module, batch: Batch) -> dict[str, float]:
+        loss, stats = self._scored(module, batch)
+        pairs = len(batch)
+        return {"pairs": pairs, **{k: float(v) * pairs for k, v in {"loss": loss, **stats}.items()}}
+
+    @staticmethod
+    def held_out_metrics(sums: dict[str, float]) -> dict[str, float]:
+        return {f"eval/{k}": v / sums["pairs"] for k, v in sums.items() if k != "pairs"}
+
+    def _scored(self, module, batch: Batch) -> tuple[torch.Tensor, Stats]:
+        return preference_loss(self._sequence_logps(module, batch), batch["response_lengths"],
+                               batch["ref_logps"] if self.needs_reference else None, self.loss_kind,
+                               self.beta, self.label_smoothing, self.simpo_gamma)
+
+    def _sequence_logps(self, module, batch: Batch) -> torch.Tensor:
+        """[B, 2] summed log-probs of each pair's chosen and rejected responses (with packing, both
+        follow one copy of the prompt)."""
+        pairs = {k: v for k, v in batch.tensors.items() if k != "ref_logps"}
+        flat = Batch(batch.prompt_len, {k: v.flatten(0, 1) for k, v in pairs.items()})
+        return policy_logprobs(module, flat, Sampling(), self.packing).sum(dim=1).view(len(batch), 2)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -226,4 +293,5 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "critic": ValueObjective,
     "sft": SFTObjective,
     "rm": PairwiseRewardObjective,
+    "dpo": PreferenceObjective,
 }

@@ -1,9 +1,11 @@
-"""The InstructGPT pipeline: SFT -> reward model -> PPO, one output directory for all of it.
+"""The InstructGPT pipeline: SFT -> reward model -> PPO, one output directory for all of it; or
+SFT -> DPO, where DPO takes the place of the reward model and PPO.
 
     <output_dir>/sft/model      the SFT policy      (starts from model.path)
     <output_dir>/rm/model       the reward model    (starts from the SFT policy)
     <output_dir>/ppo/policy     the PPO policy      (starts from the SFT policy, rewarded by the RM)
-    <output_dir>/summary.json   rm/accuracy, sft/accuracy, ppo/accuracy and more
+    <output_dir>/dpo/model      the DPO policy      (starts from the SFT policy, its reference too)
+    <output_dir>/summary.json   rm/accuracy, sft/accuracy, ppo/accuracy or dpo/accuracy, and more
     <output_dir>/curves.png     the stages' loss, accuracy and reward curves
 
 A stage whose summary.json exists is skipped unless named in pipeline.rerun; once a stage runs,
@@ -34,8 +36,8 @@ def stage_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     for stage in stages:
         stage_cfg = copy.deepcopy(cfg)
         stage_cfg.output_dir = str(root / stage)
-        if stage == "rm" and "sft" in stages and not cfg.rm.model_path:
-            stage_cfg.rm.model_path = str(root / "sft" / "model")
+        if stage in ("rm", "dpo") and "sft" in stages and not cfg[stage].model_path:
+            stage_cfg[stage].model_path = str(root / "sft" / "model")
         if stage == "ppo":
             if "sft" in stages:
                 stage_cfg.model.path, stage_cfg.model.build_tiny = str(root / "sft" / "model"), False
@@ -110,15 +112,17 @@ def write_ppo_summary(ppo_dir: Path) -> None:
 
 
 def pipeline_summary(root: Path, stages: list[str]) -> dict:
-    """The three headline numbers: RM held-out pairwise accuracy, and the task accuracy of the
-    SFT policy (PPO's step-0 evaluation) and of the PPO policy."""
+    """The headline numbers: RM held-out pairwise accuracy, and the task accuracy of the SFT
+    policy (the starting policy's evaluation in PPO or DPO) and of the PPO or DPO policy."""
     def stage_summary(stage: str) -> dict:
         path = root / stage / "summary.json"
         return json.loads(path.read_text()) if stage in stages and path.exists() else {}
 
-    sft, rm, ppo = stage_summary("sft"), stage_summary("rm"), stage_summary("ppo")
-    summary = {"rm/accuracy": rm.get("rm/accuracy"), "sft/accuracy": ppo.get("accuracy/start"),
-               "ppo/accuracy": ppo.get("accuracy/end"), "sft/eval_loss": sft.get("eval/loss"),
+    sft, rm, ppo, dpo = (stage_summary(stage) for stage in ("sft", "rm", "ppo", "dpo"))
+    summary = {"rm/accuracy": rm.get("rm/accuracy"),
+               "sft/accuracy": ppo.get("accuracy/start", dpo.get("accuracy/start")),
+               "ppo/accuracy": ppo.get("accuracy/end"), "dpo/accuracy": dpo.get("accuracy/end"),
+               "dpo/preference_accuracy": dpo.get("eval/accuracy"), "sft/eval_loss": sft.get("eval/loss"),
                "ppo/reward_mean_last": ppo.get("reward/mean_last")}
     return {k: v for k, v in summary.items() if v is not None}
 
@@ -132,6 +136,7 @@ def plot_curves(root: Path, stages: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
     series = {"sft": [("loss/sft", "train loss"), ("eval/loss", "held-out loss")],
               "rm": [("loss/rm", "train loss"), ("eval/accuracy", "held-out pairwise accuracy")],
+              "dpo": [("loss/dpo", "train loss"), ("eval/accuracy", "held-out preference accuracy")],
               "ppo": [("reward/mean", "reward (RM score)"), ("eval/rule_score", "held-out task accuracy")]}
     for ax, stage in zip(axes[0], stages, strict=True):
         rows = read_metrics(root / stage / "metrics.jsonl")

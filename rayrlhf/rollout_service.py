@@ -3,6 +3,7 @@ layout, the weights the engines hold, and the restarts of engines that die."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from rayrlhf.algorithms import response_mask
-from rayrlhf.batch import Batch, build_batch
+from rayrlhf.batch import Batch, build_batch, concat_batches
 from rayrlhf.cluster import RoleClock, RoleGroup
 from rayrlhf.data import Prompt, through_template
 from rayrlhf.errors import RayRLHFError
@@ -35,6 +36,46 @@ class Rollout:
     env_metrics: dict[str, list[float]] = field(default_factory=dict)
     # Why the environment failed on a sample (rollout.env_errors=skip), by sample.
     env_errors: dict[int, str] = field(default_factory=dict)
+    # The reward sources' own metrics (e.g. math_answered), one value per sample, once it is scored.
+    reward_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def groups(self, index: list[int], size: int) -> Rollout:
+        """The samples of the prompt groups `index`, in that order (group g: the `size` samples of
+        prompt g, rows g x size ...)."""
+        rows = [g * size + k for g in index for k in range(size)]
+        new_row = {old: new for new, old in enumerate(rows)}
+
+        def pick(values: list) -> list:
+            return [values[i] for i in rows]
+
+        return Rollout(self.batch.select(torch.tensor(rows, dtype=torch.long)), pick(self.prompts),
+                       pick(self.responses), {k: pick(v) for k, v in self.fields.items()},
+                       [self.source[g] for g in index], self.version,
+                       {k: pick(v) for k, v in self.env_metrics.items()},
+                       {new_row[i]: why for i, why in self.env_errors.items() if i in new_row},
+                       {k: v[rows] for k, v in self.reward_metrics.items()})
+
+
+def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of the samples of `parts`, in order, in one batch layout (batch.concat_batches);
+    a metric some part lacks is NaN on its samples. Its version is the oldest part's."""
+    starts = itertools.accumulate([len(p.prompts) for p in parts], initial=0)
+
+    def joined(values) -> list:
+        return [v for part in values for v in part]
+
+    def per_sample(metrics) -> dict:
+        keys = dict.fromkeys(k for p in parts for k in getattr(p, metrics))
+        return {k: joined(getattr(p, metrics).get(k, [float("nan")] * len(p.prompts)) for p in parts)
+                for k in keys}
+
+    return Rollout(concat_batches([p.batch for p in parts], pad_id), joined(p.prompts for p in parts),
+                   joined(p.responses for p in parts),
+                   {k: joined(p.fields[k] for p in parts) for k in parts[0].fields},
+                   joined(p.source for p in parts), min(p.version for p in parts), per_sample("env_metrics"),
+                   {start + i: why for start, p in zip(starts, parts, strict=False)
+                    for i, why in p.env_errors.items()},
+                   {k: torch.tensor(v, dtype=torch.float32) for k, v in per_sample("reward_metrics").items()})
 
 
 @dataclass
@@ -66,19 +107,21 @@ class RolloutService:
         self.weight_version = 0
         self.in_flight: list[PendingGeneration] = []
 
-    def generate(self, prompts: list[Prompt], step: int, greedy: bool = False) -> Rollout:
+    def generate(self, prompts: list[Prompt], step: int, greedy: bool = False, attempt: int = 0) -> Rollout:
         """Every prompt's `rollout.n` samples (one if greedy), as one batch in the shared layout."""
-        return self.finish_generation(self.start_generation(prompts, step, greedy))
+        return self.finish_generation(self.start_generation(prompts, step, greedy, attempt))
 
-    def start_generation(self, prompts: list[Prompt], step: int, greedy: bool = False) -> PendingGeneration:
+    def start_generation(self, prompts: list[Prompt], step: int, greedy: bool = False,
+                         attempt: int = 0) -> PendingGeneration:
         """Sends the prompts to the engines and returns at once (the engines run their calls in
         order, so a weight sync sent later waits for this generation).
 
-        Sampling is seeded per prompt from (run seed, step, position), so it is reproducible. The
+        Sampling is seeded per prompt from (run seed, step, attempt: the step's round of dynamic
+        sampling, position), so it is reproducible. The
         engine seeds a prompt's k-th sample with its seed + k, so the prompts' seeds are `rollout.n`
         apart: no two samples of a step share a random stream (with neighbouring seeds, prompt i's
         second sample drew prompt i+1's first one's numbers)."""
-        base = random.Random(f"{self.cfg.seed}:{step}").randrange(2**31)
+        base = random.Random(f"{self.cfg.seed}:{step}" + (f":{attempt}" if attempt else "")).randrange(2**31)
         spacing = self.cfg.rollout.n
         seeds = [(base + i * spacing) % 2**31 for i in range(len(prompts))]
         n = len(self.engines.actors)

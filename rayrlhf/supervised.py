@@ -1,21 +1,33 @@
-"""The SFT and reward-model stages: data-parallel DeepSpeed ranks (the same trainer actors as PPO)
-fed batches of demonstrations or preference pairs by this driver.
+"""The supervised stages, SFT, reward modelling and DPO: data-parallel DeepSpeed ranks (the same
+trainer actors as PPO) fed batches of demonstrations or preference pairs by this driver.
 
+    DPO only, once: the ranks' log-probs of every pair, before any step (the reference's)
     for each optimizer step: a batch -> split over the ranks -> train_step (all-reduce, step)
-    every eval_every steps and at the end: held-out loss (SFT) or pairwise accuracy (RM)
+    every eval_every steps and at the end: held-out loss (SFT), pairwise accuracy (RM, DPO)
     every checkpoint_every steps (and on SIGTERM/SIGINT): a checkpoint resume=true continues from
     save the model in HF format: <output_dir>/model
+    DPO with eval.function: the task accuracy of the starting and the trained policy
+
+DPO's reference is the policy it starts from, so the ranks hold its exact weights before their
+first step: they score every pair once then, with no second copy of the model in memory and no
+reference actors, whatever the ZeRO stage or LoRA (whose update starts at zero); a checkpoint keeps
+the scores, as the weights are no longer the reference's after it. SimPO needs none.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import time
 from pathlib import Path
 
 import ray
+import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
+from rayrlhf.batch import Batch
 from rayrlhf.checkpoint import (
     GracefulStop,
     check_resumable,
@@ -28,17 +40,22 @@ from rayrlhf.checkpoint import (
 from rayrlhf.cluster import role_memory, start_ray, wait
 from rayrlhf.data import SupervisedData, load_supervised, pack, preference_batch, sft_batch
 from rayrlhf.errors import DataError, Interrupted
+from rayrlhf.evaluation import policy_task_score
 from rayrlhf.metrics import MetricsLog, StageTimer
 from rayrlhf.modeling import check_model_path, load_tokenizer
+from rayrlhf.objectives import OBJECTIVES
+from rayrlhf.rollout_service import split_evenly
 from rayrlhf.system import trainer_group
 from rayrlhf.tiny import ensure_tiny_model
 
 PROGRESS = {"sft": {"loss": "loss/sft", "eval_loss": "eval/loss"},
-            "rm": {"loss": "loss/rm", "acc": "rm/accuracy", "eval_acc": "eval/accuracy"}}
+            "rm": {"loss": "loss/rm", "acc": "rm/accuracy", "eval_acc": "eval/accuracy"},
+            "dpo": {"loss": "loss/dpo", "acc": "dpo/accuracy", "eval_acc": "eval/accuracy"}}
+REFERENCE_FILE = "reference_logps.pt"
 
 
 def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
-    """Runs `stage` ("sft" or "rm") as configured; writes the model and summary.json into
+    """Runs `stage` ("sft", "rm" or "dpo") as configured; writes the model and summary.json into
     output_dir and returns the summary."""
     stage_cfg, output_dir = cfg[stage], Path(cfg.output_dir)
     model_path = stage_cfg.model_path or cfg.model.path
@@ -59,6 +76,7 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
     group, log = None, None
     timeout_s = cfg.ray.call_timeout_s
     stop = GracefulStop()
+    task_scores = {}
     try:
         group = trainer_group(stage, stage_cfg, model_path, stage_cfg.batch_size, cfg,
                               total_steps=batches.total_steps)
@@ -67,6 +85,9 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
             wait(group.call("load_checkpoint", str(resume_from / stage)), f"{stage} checkpoint load",
                  timeout_s)
             print(f"resumed from {resume_from} after step {first_step - 1}", flush=True)
+        if batches.needs_reference:
+            batches.reference = torch.load(resume_from / REFERENCE_FILE) if resume_from is not None else \
+                reference_logps(group, data, tokenizer.pad_token_id, stage_cfg.batch_size, timeout_s)
         log = MetricsLog(output_dir, batches.total_steps, first_step, name=stage, progress=PROGRESS[stage],
                          logging_cfg=cfg.logging, config=OmegaConf.to_container(cfg, resolve=True))
         metrics: dict[str, float] = {}
@@ -89,6 +110,8 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
             if (every and step % every == 0) or stop.signum:
                 path = checkpoint_dir(output_dir, step)
                 wait(group.call("save_checkpoint", str(path / stage)), f"{stage} checkpoint save", timeout_s)
+                if batches.reference is not None:
+                    torch.save(batches.reference, path / REFERENCE_FILE)
                 write_state(path, {"step": step}, cfg, keys)
                 prune(output_dir, stage_cfg.keep_checkpoints)
                 if stop.signum:
@@ -100,6 +123,15 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
                        **held_out_metrics(stage, group, batches.held_out, timeout_s)}
         wait(group.call("save", str(output_dir / "model")), f"{stage} save", timeout_s)
         tokenizer.save_pretrained(output_dir / "model")
+        log.close()
+        group.shutdown()  # the evaluation's engines may want the trainers' devices
+        log = group = None
+        if stage == "dpo" and cfg.eval.function:  # the task accuracy before and after, as PPO reports it
+            print(f"dpo: the task accuracy ({cfg.eval.function}) of the starting and the trained policy",
+                  flush=True)
+            task_scores = {f"accuracy/{when}": policy_task_score(cfg, path, tokenizer)
+                           for when, path in (("start", model_path), ("end", str(output_dir / "model")))}
+            print(f"dpo: {task_scores}", flush=True)
     finally:
         stop.restore()
         if log is not None:
@@ -109,7 +141,8 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
         if started_ray:
             ray.shutdown()
     summary = {"steps": batches.total_steps, **{f"data/{k}": v for k, v in data.counts.items()},
-               **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/", "rm/"))}}
+               **{k: v for k, v in metrics.items() if k.startswith(("eval/", "loss/", "rm/", "dpo/"))},
+               **task_scores}
     if stage == "rm":
         summary["rm/accuracy"] = metrics["eval/accuracy"]
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -118,7 +151,8 @@ def train_supervised(stage: str, cfg: DictConfig) -> dict[str, float]:
 
 class Batches:
     """Shuffled passes over the examples (packed into rows for SFT if asked), `batch_size` rows a
-    step; the last partial batch of a pass is left out, as every step has the same size."""
+    step; the last partial batch of a pass is left out, as every step has the same size. DPO's
+    batches carry the reference's log-probs of their pairs (`ref_logps`) once `reference` is set."""
 
     def __init__(self, stage: str, data: SupervisedData, stage_cfg, pad_id: int, seed: int):
         self.stage, self.pad_id, self.seed = stage, pad_id, seed
@@ -126,10 +160,13 @@ class Batches:
         if stage == "sft":
             packed = stage_cfg.packing
             self.rows = pack(data.train, stage_cfg.data.max_tokens) if packed else [[e] for e in data.train]
-            self.held_out = sft_batch([[e] for e in data.eval], pad_id)
+            self.held_out_rows = [[e] for e in data.eval]
         else:
-            self.rows = data.train
-            self.held_out = preference_batch(data.eval, pad_id)
+            self.rows, self.held_out_rows = data.train, data.eval
+        self.needs_reference = stage == "dpo" and OBJECTIVES["dpo"].of(stage_cfg).needs_reference
+        # DPO: the reference's summed log-probs [pairs, 2] of the training ("train") and held-out
+        # ("eval") pairs, in data order.
+        self.reference: dict[str, torch.Tensor] | None = None
         if len(data.eval) < stage_cfg.num_ranks:
             raise DataError(f"{stage} data has {len(data.eval)} held-out examples, fewer than "
                             f"{stage}.num_ranks={stage_cfg.num_ranks} (each rank evaluates a share)")
@@ -149,17 +186,43 @@ class Batches:
             for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
                 if step == self.total_steps:
                     return
-                rows = [self.rows[i] for i in order[start:start + self.batch_size]]
-                make = sft_batch if self.stage == "sft" else preference_batch
-                yield make(rows, self.pad_id)
+                yield self._batch(self.rows, "train", order[start:start + self.batch_size])
                 step += 1
+
+    @property
+    def held_out(self) -> Batch:
+        return self._batch(self.held_out_rows, "eval", list(range(len(self.held_out_rows))))
+
+    def _batch(self, rows: list, part: str, index: list[int]) -> Batch:
+        make = sft_batch if self.stage == "sft" else preference_batch
+        batch = make([rows[i] for i in index], self.pad_id)
+        if self.reference is not None:
+            batch["ref_logps"] = self.reference[part][index]
+        return batch
+
+
+def reference_logps(group, data: SupervisedData, pad_id: int, batch_size: int, timeout_s: float
+                    ) -> dict[str, torch.Tensor]:
+    """DPO's reference log-probs: the summed log-probs [pairs, 2] of every training and held-out
+    pair under the ranks' weights before their first step (the starting policy's), in chunks of
+    up to 16 batches spread over the ranks."""
+    ranks, started = len(group.actors), time.perf_counter()
+    parts = {"train": data.train, "eval": data.eval}
+    chunks = [(part, rows) for part, examples in parts.items()
+              for rows in split_evenly(examples, math.ceil(len(examples) / (16 * batch_size)))]
+    out: dict[str, list[torch.Tensor]] = {part: [] for part in parts}
+    for part, rows in tqdm(chunks, desc="dpo reference log-probs", unit="chunk", dynamic_ncols=True):
+        batch = preference_batch(rows, pad_id)
+        out[part] += wait(group.scatter("infer", [(b,) for b in batch.chunks(ranks)]),
+                          "dpo reference log-probs", timeout_s)
+    print(f"dpo: the reference's log-probs of {len(data.train)} training and {len(data.eval)} held-out "
+          f"pairs in {time.perf_counter() - started:.1f} s", flush=True)
+    return {part: torch.cat(values) for part, values in out.items()}
 
 
 def held_out_metrics(stage: str, group, batch, timeout_s: float) -> dict[str, float]:
-    """Held-out loss (SFT, per response token) or pairwise accuracy and loss (RM), over all ranks."""
+    """The stage's held-out metrics (objective.held_out_metrics), over all ranks."""
     parts = wait(group.scatter("evaluate", [(b,) for b in batch.chunks(len(group.actors))]),
                  f"{stage} evaluation", timeout_s)
-    sums = {k: sum(p.get(k, 0.0) for p in parts) for k in set().union(*parts)}
-    if stage == "sft":
-        return {"eval/loss": sums["nll"] / max(sums["tokens"], 1)}
-    return {"eval/accuracy": sums["correct"] / sums["pairs"], "eval/loss": sums["loss"] / sums["pairs"]}
+    return OBJECTIVES[stage].held_out_metrics({k: sum(p.get(k, 0.0) for p in parts)
+                                               for k in set().union(*parts)})

@@ -64,7 +64,7 @@ def deepspeed_config(role_cfg, train_batch_size: int, world_size: int, dtype: st
 
 class TrainerWorker(SendingRank):
     """`role` names what the rank optimises (rayrlhf.objectives.OBJECTIVES): "actor", "critic",
-    "sft" or "rm". An actor rank is also an end of the weight-sync channel (SendingRank)."""
+    "sft", "rm" or "dpo". An actor rank is also an end of the weight-sync channel (SendingRank)."""
 
     def __init__(self, role: str, rank: int, world_size: int):
         self.role, self.rank, self.world_size = role, rank, world_size
@@ -136,12 +136,28 @@ class TrainerWorker(SendingRank):
 
     @torch.no_grad()
     def infer(self, batch: Batch) -> torch.Tensor:
-        """Old log-probs (actor) or old values (critic) of this rank's share of the batch."""
+        """Old log-probs (actor), old values (critic) or the pairs' summed log-probs (DPO's
+        reference pass) of this rank's share of the batch."""
         self.module.eval()
-        out = torch.zeros(batch["mask"].shape)
-        for rows, micro in self._micro_batches(batch):
-            out[rows] = self.objective.infer(self.module, to_device(micro, self.device)).cpu()
+        micro_batches = self._micro_batches(batch)
+        outputs = self._forwards([micro for _, micro in micro_batches], lambda micro: self.objective.infer(
+            self.module, to_device(micro, self.device)).cpu())
+        out = outputs[0].new_empty(len(batch), *outputs[0].shape[1:])
+        for (rows, _), output in zip(micro_batches, outputs, strict=True):
+            out[rows] = output
         return out
+
+    def _forwards(self, micro_batches: list[Batch], forward) -> list:
+        """forward(micro) of each micro-batch, with as many forwards on every rank (under ZeRO-3
+        each gathers the weights collectively): shares that differ by a row may differ by a
+        micro-batch, so the ranks with fewer run their first row again, uncounted."""
+        count = torch.tensor([len(micro_batches)], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        outputs = [forward(micro) for micro in micro_batches]
+        for _ in range(int(count) - len(micro_batches)):
+            forward(micro_batches[0].select(slice(0, 1)))
+        return outputs
 
     def _micro_batches(self, batch: Batch) -> list[tuple[torch.Tensor, Batch]]:
         """micro_batch_size rows at a time, or, with micro_batch_tokens, about that many real tokens
@@ -177,7 +193,7 @@ class TrainerWorker(SendingRank):
         return self._means(sums), old_logprobs
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimizer step on this rank's share of a batch (SFT and reward-model training)."""
+        """One optimizer step on this rank's share of a batch (SFT, reward model, DPO)."""
         sums: dict[str, float] = defaultdict(float)
         self._optimizer_step(batch, sums)
         return self._means(sums)
@@ -228,26 +244,15 @@ class TrainerWorker(SendingRank):
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> dict[str, float]:
-        """Held-out sums over this rank's share: SFT token NLL and token count; reward-model loss,
-        correctly ordered pairs and pair count (the driver adds them up over ranks)."""
+        """Held-out sums over this rank's share (objective.held_out_sums; the driver adds them up
+        over ranks)."""
         self.module.eval()
-        micro_batches = batch.minibatches(self.cfg.micro_batch_size)
-        # Every rank runs as many forwards (under ZeRO-3 each gathers the weights collectively):
-        # shares that differ by a row may differ by a micro-batch, so the shorter ones run their
-        # first row again, uncounted.
-        count = torch.tensor([len(micro_batches)], device=self.device)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        for _ in range(int(count) - len(micro_batches)):
-            self._held_out_sums(batch.select(slice(0, 1)))
         sums: dict[str, float] = defaultdict(float)
-        for micro in micro_batches:
-            for key, value in self._held_out_sums(micro).items():
+        for part in self._forwards(batch.minibatches(self.cfg.micro_batch_size), lambda micro:
+                                   self.objective.held_out_sums(self.module, to_device(micro, self.device))):
+            for key, value in part.items():
                 sums[key] += value
         return dict(sums)
-
-    def _held_out_sums(self, micro: Batch) -> dict[str, float]:
-        return self.objective.held_out_sums(self.module, to_device(micro, self.device))
 
     def save_checkpoint(self, path: str) -> None:
         """Weights, optimizer and learning-rate schedule (DeepSpeed's format; every rank writes its

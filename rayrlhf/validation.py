@@ -18,7 +18,8 @@ class ConfigError(RayRLHFError):
     """A config that cannot run; the message names the key and the reason."""
 
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "dpo")
+SUPERVISED_STAGES = ("sft", "rm", "dpo")
 PPO_ROLES = ("rollout", "reference", "reward", "actor", "critic")
 WEIGHT_TRANSPORTS = ("auto", "shared_memory", "cuda_ipc", "collective")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -81,7 +82,7 @@ def roles_needed(cfg: DictConfig) -> set[str]:
 def trainer_roles(cfg: DictConfig, stage: str | None) -> list[str]:
     """The trainer roles that `stage` (None: every stage of the pipeline) starts."""
     stages = cfg.pipeline.stages if stage is None else [stage]
-    roles = [role for role in ("sft", "rm") if role in stages]
+    roles = [role for role in SUPERVISED_STAGES if role in stages]
     if "ppo" in stages:
         roles += [role for role in ("actor", "critic") if role in roles_needed(cfg)]
     return roles
@@ -96,7 +97,7 @@ def validate(cfg: DictConfig, stage: str | None = "ppo") -> None:
     for section in sections_in_use(cfg, stage):
         _check_fields(cfg[section], section)
     _check_common(cfg, stage)
-    if stage in ("sft", "rm"):
+    if stage in SUPERVISED_STAGES:
         _check_supervised(cfg, stage)
     elif stage == "ppo":
         _check_ppo(cfg)
@@ -109,6 +110,8 @@ def sections_in_use(cfg: DictConfig, stage: str | None) -> list[str]:
         sections += ["data", "rollout", "reward", "algorithm", "trainer", "eval", "weight_sync"]
         if "reference" in roles_needed(cfg):
             sections.append("reference")
+    elif "dpo" in trainer_roles(cfg, stage) and cfg.eval.function:  # its policies' task accuracy
+        sections += ["data", "rollout", "eval"]
     return sections
 
 
@@ -143,7 +146,8 @@ def _check_common(cfg: DictConfig, stage: str | None) -> None:
         _check(role in PPO_ROLES, "ray.colocate", f"names '{role}'; roles are {', '.join(PPO_ROLES)}")
     _check(len(colocated) == len(set(colocated)), "ray.colocate", "names a role more than once")
     longest_sample = {"actor": cfg.data.max_prompt_tokens + response_budget(cfg.rollout),
-                      "sft": cfg.sft.data.max_tokens, "rm": 2 * cfg.rm.data.max_tokens}  # rm: a pair
+                      "sft": cfg.sft.data.max_tokens, "rm": 2 * cfg.rm.data.max_tokens,  # rm, dpo: a pair
+                      "dpo": 2 * cfg.dpo.data.max_tokens}
     longest_sample["critic"] = longest_sample["actor"]
     for role in trainer_roles(cfg, stage):
         _check_trainer_role(cfg, role, longest_sample[role])
@@ -151,6 +155,9 @@ def _check_common(cfg: DictConfig, stage: str | None) -> None:
         _check(name in STAGES, "pipeline.stages", f"must list stages among {', '.join(STAGES)}; got '{name}'")
     _check(list(cfg.pipeline.stages) == [s for s in STAGES if s in cfg.pipeline.stages], "pipeline.stages",
            f"must be in the order {', '.join(STAGES)} without repeats")
+    stages = set(cfg.pipeline.stages)
+    _check("dpo" not in stages or not {"rm", "ppo"} & stages, "pipeline.stages",
+           "runs dpo in place of rm and ppo ([sft, dpo]), not beside them")
     for name in cfg.pipeline.rerun:
         _check(name in cfg.pipeline.stages, "pipeline.rerun",
                f"names '{name}', which is not in pipeline.stages")
@@ -176,6 +183,14 @@ def _check_supervised(cfg: DictConfig, stage: str) -> None:
            f"({s.num_ranks} x {s.micro_batch_size})")
     _check(bool(s.data.path or cfg.data.task), f"{stage}.data.path",
            "is needed (or data.task for a built-in task's synthetic data)")
+    if stage == "dpo":
+        _check(s.label_smoothing == 0 or s.loss in ("sigmoid", "simpo"), "dpo.label_smoothing",
+               f"is for the sigmoid and simpo losses, not dpo.loss={s.loss}")
+        if cfg.eval.function:
+            _check(bool(cfg.eval.path or cfg.data.task), "eval.path",
+                   "is needed for the task accuracy of eval.function (or data.task for a built-in task's "
+                   "held-out prompts)")
+            _check_function(cfg, "eval.function")
 
 
 def _check_ppo(cfg: DictConfig) -> None:
@@ -191,6 +206,17 @@ def _check_ppo(cfg: DictConfig) -> None:
     _check(not (cfg.rollout.sleep and cfg.trainer.async_rollout), "rollout.sleep",
            "does not go with trainer.async_rollout (the engines generate while the trainers train)")
     algo = cfg.algorithm
+    _check(algo.dual_clip is None or algo.policy_loss == "ppo", "algorithm.dual_clip",
+           "is for algorithm.policy_loss=ppo (cispo's clipped ratio is a weight, with no surrogate to cap)")
+    if algo.dynamic_sampling.enable:
+        _check(cfg.rollout.n >= 2, "rollout.n",
+               "must be >= 2 with algorithm.dynamic_sampling (it compares the samples of a prompt)")
+        _check(algo.estimator != "remax", "algorithm.dynamic_sampling",
+               "does not go with algorithm.estimator=remax (its greedy baseline is of the first round's "
+               "prompts)")
+    _check(cfg.reward.overlong_buffer <= response_budget(cfg.rollout), "reward.overlong_buffer",
+           f"({cfg.reward.overlong_buffer}) must not exceed the response length limit "
+           f"({response_budget(cfg.rollout)} tokens)")
     k1_loss = algo.kl_in == "loss" and algo.kl_estimator == "k1" and algo.kl_coef > 0
     _check(not k1_loss, "algorithm.kl_estimator",
            "k1 with algorithm.kl_in=loss gives the KL term zero expected gradient (E[grad log pi] = 0 "

@@ -210,7 +210,7 @@ def test_remax_baseline_is_normalised_by_the_samples_statistics():
     """reward.normalize: the greedy scores are scaled with the sampled batch's mean and std, so the
     advantage is (s - b) / std(s), not the difference of two separately normalised batches."""
     from rayrlhf.config import load_config
-    from rayrlhf.driver import apply_rewards
+    from rayrlhf.driver import score_rollout, shape_rewards
     from rayrlhf.rollout_service import Rollout
 
     def rollout(n):
@@ -218,11 +218,13 @@ def test_remax_baseline_is_normalised_by_the_samples_statistics():
         batch["mask"], batch["truncated"] = torch.ones(n, 2), torch.zeros(n)
         return Rollout(batch, ["p"] * n, ["r"] * n, {}, [])
 
-    cfg = load_config("conf/tiny_ppo.yaml", ["reward.normalize=true"]).reward
+    cfg = load_config("conf/tiny_ppo.yaml", ["reward.normalize=true"])
     sampled, greedy = rollout(4), rollout(2)
     samples, baseline = torch.tensor([1.0, 3.0, 2.0, 6.0]), torch.tensor([2.0, 5.0])
-    apply_rewards(sampled, {"scores": samples, "reasons": {}, "metrics": {}}, cfg)
-    apply_rewards(greedy, {"scores": baseline, "reasons": {}, "metrics": {}}, cfg, like=sampled)
+    score_rollout(sampled, {"scores": samples, "reasons": {}, "metrics": {}}, cfg)
+    shape_rewards(sampled, cfg.reward)
+    score_rollout(greedy, {"scores": baseline, "reasons": {}, "metrics": {}}, cfg)
+    shape_rewards(greedy, cfg.reward, like=sampled)
     advantages = alg.outcome_scores(sampled.batch["scores"], "remax", 2, torch.ones(4),
                                     greedy.batch["scores"])
     expected = (samples - baseline.repeat_interleave(2)) / samples.std()
@@ -234,16 +236,121 @@ def test_discounted_returns():
     assert ret.tolist() == [[2.0, 2.0, 0.0]]
 
 
-def test_shape_scores_penalty_then_normalise_then_clip():
-    scores, truncated, valid = torch.tensor([1.0, 3.0, 50.0]), torch.tensor([0.0, 1.0, 0.0]), \
-        torch.tensor([1.0, 1.0, 0.0])
-    penalised = alg.shape_scores(scores, truncated, valid, -1.0, normalize=False, clip=None)
-    assert penalised.tolist() == [1.0, 2.0, 0.0]
-    normalised = alg.shape_scores(scores, truncated, valid, -1.0, normalize=True, clip=None)
+def test_scores_get_the_penalties_then_normalisation_then_clipping():
+    """reward.truncated_penalty and the overlong penalty go into the penalised scores (what the
+    estimator and dynamic sampling compare); shape_scores then normalises over the valid samples
+    and clips. Lengths 6 and 8 of at most 8 tokens, a buffer of 2 to a penalty of 0.5: 0 and -0.5."""
+    from rayrlhf.config import load_config
+    from rayrlhf.driver import score_rollout
+    from rayrlhf.rollout_service import Rollout
+
+    batch = build_batch([[1]] * 3, [[2] * 6, [2] * 8, [2] * 8], pad_id=0)
+    batch["mask"], batch["truncated"] = torch.ones(3, 8), torch.tensor([0.0, 1.0, 0.0])
+    rollout = Rollout(batch, ["p"] * 3, ["r"] * 3, {}, [])
+    cfg = load_config("conf/tiny_ppo.yaml", ["reward.truncated_penalty=-1", "rollout.max_new_tokens=8",
+                                             "reward.overlong_buffer=2", "reward.overlong_penalty=0.5",
+                                             "reward.skip_invalid=true"])
+    score_rollout(rollout, {"scores": torch.tensor([1.0, 3.5, math.nan]), "reasons": {2: "nan"},
+                            "metrics": {}}, cfg)
+    assert batch["penalised_scores"].tolist() == [1.0, 2.0, -0.5]  # 3.5 - 1 - 0.5; the NaN read as 0
+    assert batch["valid"].tolist() == [1.0, 1.0, 0.0]
+    assert rollout.reward_metrics["overlong_penalty"].tolist() == [0.0, -0.5, -0.5]
+    penalised, valid = batch["penalised_scores"], batch["valid"]
+    assert alg.shape_scores(penalised, valid, normalize=False, clip=None).tolist() == [1.0, 2.0, 0.0]
+    normalised = alg.shape_scores(penalised, valid, normalize=True, clip=None)
     s = 1 / math.sqrt(2)  # [1, 2]: mean 1.5, sample std 1/sqrt(2)
     assert torch.allclose(normalised, torch.tensor([-s, s, 0.0]), atol=1e-4)
-    clipped = alg.shape_scores(scores, truncated, valid, -1.0, normalize=True, clip=0.5)
+    clipped = alg.shape_scores(penalised, valid, normalize=True, clip=0.5)
     assert torch.allclose(clipped, torch.tensor([-0.5, 0.5, 0.0]))
+
+
+def test_overlong_penalty_grows_linearly_over_the_buffer():
+    lengths = torch.tensor([3, 6, 7, 8, 10])
+    got = alg.overlong_penalty(lengths, max_len=10, buffer=4, penalty=2.0)
+    assert got.tolist() == [0.0, 0.0, -0.5, -1.0, -2.0]
+    assert alg.overlong_penalty(lengths, 10, buffer=0, penalty=2.0).tolist() == [0.0] * 5
+
+
+def test_informative_groups_need_two_valid_samples_that_differ():
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 5.0, 7.0, 2.0, 2.0])
+    valid = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    # equal; different; one valid sample left; equal
+    assert alg.informative_groups(scores, valid, 2).tolist() == [False, True, False, False]
+    assert alg.informative_groups(scores, valid, 4).tolist() == [True, True]
+
+
+def test_dynamic_sampling_takes_the_first_informative_groups_then_tops_up():
+    from rayrlhf.driver import choose_groups
+
+    rounds = [[False, True, True], [True, False, False]]
+    assert choose_groups(rounds, need=2) == ([(0, 1), (0, 2)], [])
+    assert choose_groups(rounds, need=3) == ([(0, 1), (0, 2), (1, 0)], [])
+    # Short by one: the first uninformative group fills the batch (masked out of the loss).
+    assert choose_groups([[False, True], [False, False]], need=3) == ([(0, 1)], [(0, 0), (1, 0)])
+
+
+def test_gspo_ratio_is_the_responses_length_normalised_ratio():
+    """Row 0: log-ratios 0.2 and 0 -> s = exp(0.1) on both tokens; row 1: one valid token of 0.3
+    (the padding's 5.0 takes no part) -> s = exp(0.3). With A = -1 nothing is clipped at 0.5 and
+    loss = token mean of s; its gradient is s per token, over the 3 tokens."""
+    logprobs = torch.tensor([[0.2, 0.0], [0.3, 5.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, stats = alg.policy_loss(logprobs, torch.zeros(2, 2), -torch.ones(2, 2), mask, clip_low=0.5,
+                                  ratio_level="sequence")
+    s0, s1 = math.exp(0.1), math.exp(0.3)
+    assert math.isclose(loss.item(), (2 * s0 + s1) / 3, rel_tol=1e-6)
+    assert math.isclose(stats["ratio_mean"].item(), (2 * s0 + s1) / 3, rel_tol=1e-6)
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[s0, s0], [s1, 0.0]]) / 3)
+    # Clipped per response: with A = +1 and clip 0.05, s0 = 1.105 and s1 = 1.35 are both capped.
+    loss, stats = alg.policy_loss(logprobs, torch.zeros(2, 2), torch.ones(2, 2), mask, clip_low=0.05,
+                                  ratio_level="sequence")
+    assert math.isclose(loss.item(), -1.05, rel_tol=1e-6) and stats["clip_frac"].item() == 1.0
+
+
+def test_cispo_keeps_every_tokens_gradient_weighted_by_the_clipped_ratio():
+    """Ratios 1.5 and 1.1 with A = 2, clip (0.2, 0.28): weights sg(1.28) and sg(1.1); the loss is
+    -mean(w A log pi), so d/dlog pi = -w A / 2, also for the clipped token (PPO's would be 0)."""
+    logprobs = torch.tensor([[math.log(1.5), math.log(1.1)]], requires_grad=True)
+    adv = torch.full((1, 2), 2.0)
+    loss, stats = alg.policy_loss(logprobs, torch.zeros(1, 2), adv, torch.ones(1, 2), clip_low=0.2,
+                                  clip_high=0.28, kind="cispo")
+    expected = -(1.28 * 2 * math.log(1.5) + 1.1 * 2 * math.log(1.1)) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    assert stats["clip_frac"].item() == 0.5
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[-1.28, -1.1]]))
+    ppo = logprobs.detach().requires_grad_()
+    alg.policy_loss(ppo, torch.zeros(1, 2), adv, torch.ones(1, 2), 0.2, 0.28)[0].backward()
+    assert ppo.grad[0, 0] == 0 and torch.isclose(ppo.grad[0, 1], torch.tensor(-1.1))
+
+
+def test_preference_losses():
+    """logps (chosen, rejected) = (-1, -3), reference (-2, -2), beta 0.5: rewards 0.5 and -0.5, margin 1."""
+    logps, ref = torch.tensor([[-1.0, -3.0]], requires_grad=True), torch.tensor([[-2.0, -2.0]])
+    lengths = torch.tensor([[2, 4]])
+
+    def loss(kind, **kwargs):
+        return alg.preference_loss(logps, lengths, ref, kind, beta=0.5, **kwargs)
+
+    sigmoid, stats = loss("sigmoid")
+    assert math.isclose(sigmoid.item(), math.log(1 + math.exp(-1)), rel_tol=1e-6)  # -log sigmoid(1)
+    assert (stats["rewards_chosen"].item(), stats["rewards_rejected"].item(), stats["margin"].item(),
+            stats["accuracy"].item()) == (0.5, -0.5, 1.0, 1.0)
+    sigmoid.backward()  # d/dlogp_chosen = -beta sigmoid(-1); rejected the opposite
+    g = 0.5 / (1 + math.e)
+    assert torch.allclose(logps.grad, torch.tensor([[-g, g]]))
+    smoothed, _ = loss("sigmoid", label_smoothing=0.1)  # 0.9 (-log sigmoid(1)) + 0.1 (-log sigmoid(-1))
+    assert math.isclose(smoothed.item(), 0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.e),
+                        rel_tol=1e-6)
+    assert loss("hinge")[0].item() == 0.0  # max(0, 1 - 1)
+    assert math.isclose(alg.preference_loss(logps, lengths, ref, "hinge", beta=0.25)[0].item(), 0.5)
+    # IPO on averaged log-probs: chosen -1/2 vs -1, rejected -3/4 vs -1/2: h = 0.5 + 0.25; (h - 1)^2
+    assert math.isclose(loss("ipo")[0].item(), 0.0625, rel_tol=1e-6)
+    # SimPO, no reference: beta 2 x averages (-0.5, -0.75) -> margin 0.5, minus gamma 0.5 -> log 2
+    simpo, stats = alg.preference_loss(logps, lengths, None, "simpo", beta=2.0, simpo_gamma=0.5)
+    assert math.isclose(simpo.item(), math.log(2), rel_tol=1e-6)
+    assert stats["rewards_chosen"].item() == -1.0 and stats["margin"].item() == 0.5
 
 
 def test_learning_rate_schedules():

@@ -5,7 +5,7 @@ import torch
 
 from rayrlhf import weight_sync
 from rayrlhf.algorithms import Sampling
-from rayrlhf.batch import balanced_groups, build_batch, first_fit, pack_rows, position_ids
+from rayrlhf.batch import balanced_groups, build_batch, concat_batches, first_fit, pack_rows, position_ids
 from rayrlhf.weight_sync import plan_buckets
 
 
@@ -24,6 +24,46 @@ def test_chunks_cover_the_batch_in_order():
     batch["index"] = torch.arange(5)
     parts = batch.chunks(2)
     assert [p["index"].tolist() for p in parts] == [[0, 1], [2, 3, 4]]
+
+
+def test_concatenated_batches_keep_the_shared_layout():
+    """Prompts of width 1 and 2, responses of width 2 and 1: one batch of prompt width 2 and response
+    width 2, each row padded where it was too narrow (pad_id 9 in sequences, 0 elsewhere)."""
+    a = build_batch([[5]], [[1, 2]], pad_id=9)
+    b = build_batch([[6, 7]], [[3]], pad_id=9)
+    for batch in (a, b):
+        batch["mask"] = torch.ones(1, batch["sequences"].shape[1] - batch.prompt_len)
+        batch["truncated"] = torch.ones(1)
+    both = concat_batches([a, b], pad_id=9)
+    assert both.prompt_len == 2
+    assert both["sequences"].tolist() == [[9, 5, 1, 2], [6, 7, 3, 9]]
+    assert both["attention_mask"].tolist() == [[0, 1, 1, 1], [1, 1, 1, 0]]
+    assert both["mask"].tolist() == [[1, 1], [1, 0]]
+    assert both["response_lengths"].tolist() == [2, 1] and both["truncated"].tolist() == [1, 1]
+
+
+def test_rollout_groups_and_joins_carry_every_per_sample_field():
+    """Groups of two samples: group 1 of the first rollout and group 0 of the second, joined: the
+    per-sample lists, metrics and environment errors follow their samples."""
+    from rayrlhf.rollout_service import Rollout, join_rollouts
+
+    def rollout(tag, errors):
+        batch = build_batch([[1]] * 4, [[2, 3]] * 4, pad_id=0)
+        batch["row"] = torch.arange(4)
+        return Rollout(batch, [f"{tag}p{i}" for i in range(4)], [f"{tag}r{i}" for i in range(4)],
+                       {"answer": [f"{tag}a{i}" for i in range(4)]}, [f"{tag}s0", f"{tag}s1"],
+                       env_metrics={"turns": [1.0, 2.0, 3.0, 4.0]}, env_errors=errors,
+                       reward_metrics={"hit": torch.tensor([0.0, 1.0, 2.0, 3.0])})
+
+    first, second = rollout("x", {3: "boom"}), rollout("y", {0: "late"})
+    second.version = -1
+    joined = join_rollouts([first.groups([1], 2), second.groups([0], 2)], pad_id=0)
+    assert joined.prompts == ["xp2", "xp3", "yp0", "yp1"] and joined.responses[0] == "xr2"
+    assert joined.fields == {"answer": ["xa2", "xa3", "ya0", "ya1"]} and joined.source == ["xs1", "ys0"]
+    assert joined.batch["row"].tolist() == [2, 3, 0, 1] and joined.version == -1
+    assert joined.env_metrics == {"turns": [3.0, 4.0, 1.0, 2.0]}
+    assert joined.env_errors == {1: "boom", 2: "late"}
+    assert joined.reward_metrics["hit"].tolist() == [2.0, 3.0, 0.0, 1.0]
 
 
 def test_weight_sync_buckets_respect_size_and_dtype():

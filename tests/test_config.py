@@ -50,11 +50,34 @@ def test_preset_and_overrides_merge():
     ("weight_sync.transport=cuda_ipc", "'weight_sync.transport' cuda_ipc needs GPU trainers"),
     ("algorithm.kl_in=loss", "'algorithm.kl_estimator' k1 with algorithm.kl_in=loss gives the KL term zero "
                              "expected gradient"),
+    ("algorithm.policy_loss=grpo", "'algorithm.policy_loss' must be one of ppo, cispo; got 'grpo'"),
+    ("algorithm.ratio_level=group", "'algorithm.ratio_level' must be one of token, sequence"),
+    ("algorithm.dynamic_sampling.enable=true", "'rollout.n' must be >= 2 with algorithm.dynamic_sampling"),
+    ("algorithm.dynamic_sampling.oversample=0.5", "'algorithm.dynamic_sampling.oversample' must be >= 1"),
+    ("algorithm.dynamic_sampling.max_extra_rounds=-1", "'algorithm.dynamic_sampling.max_extra_rounds' must"),
+    ("reward.overlong_buffer=9", "'reward.overlong_buffer' (9) must not exceed the response length limit "
+                                 "(8 tokens)"),
+    ("reward.overlong_penalty=-1", "'reward.overlong_penalty' must be >= 0"),
+    ("pipeline.stages=[sft,rm,dpo]", "'pipeline.stages' runs dpo in place of rm and ppo"),
+    ("pipeline.stages=[dpo,sft]", "'pipeline.stages' must be in the order sft, rm, ppo, dpo"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(PRESET, [override])
     assert message in str(err.value)
+
+
+def test_recipe_combinations_that_cannot_run_are_refused():
+    with pytest.raises(ConfigError, match="'algorithm.dual_clip' is for algorithm.policy_loss=ppo"):
+        load_config(PRESET, ["algorithm.policy_loss=cispo", "algorithm.dual_clip=3"])
+    with pytest.raises(ConfigError, match="'algorithm.dynamic_sampling' does not go with algorithm.estimator"
+                                          "=remax"):
+        load_config(PRESET, ["algorithm.estimator=remax", "rollout.n=2",
+                             "algorithm.dynamic_sampling.enable=true"])
+    with pytest.raises(ConfigError, match="'dpo.label_smoothing' is for the sigmoid and simpo losses"):
+        load_config("conf/tiny_dpo.yaml", ["dpo.loss=ipo", "dpo.label_smoothing=0.1"], stage="dpo")
+    with pytest.raises(ConfigError, match="'dpo.beta' must be > 0"):
+        load_config("conf/tiny_dpo.yaml", ["dpo.beta=0"], stage="dpo")
 
 
 def test_compiled_layers_are_refused_with_partitioned_weights():
@@ -64,8 +87,14 @@ def test_compiled_layers_are_refused_with_partitioned_weights():
 
 @pytest.mark.parametrize("preset", sorted(Path("conf").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_validates(preset):
-    """The GPU presets, which CI cannot run, at least stay valid configs as the schema changes."""
-    load_config(preset, [], None if preset.name == "tiny_pipeline.yaml" else "ppo")
+    """The GPU presets, which CI cannot run, at least stay valid configs as the schema changes; the
+    pipeline presets as each of their stages will run."""
+    from rayrlhf.pipeline import stage_configs
+
+    if preset.name in ("tiny_pipeline.yaml", "tiny_agent.yaml", "tiny_dpo.yaml", "tiny_dapo.yaml"):
+        assert stage_configs(load_config(preset, [], None))
+    else:
+        load_config(preset, [], "ppo")
 
 
 def test_missing_model_path_and_missing_file():

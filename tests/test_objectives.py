@@ -10,6 +10,7 @@ from rayrlhf.objectives import (
     OBJECTIVES,
     PairwiseRewardObjective,
     PolicyObjective,
+    PreferenceObjective,
     SFTObjective,
     ValueObjective,
 )
@@ -19,8 +20,9 @@ MASK = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
 
 
 def test_every_trainer_role_has_an_objective():
-    assert set(OBJECTIVES) == {"actor", "critic", "sft", "rm"}
-    assert [OBJECTIVES[r].causal_lm for r in ("actor", "critic", "sft", "rm")] == [True, False, True, False]
+    roles = ("actor", "critic", "sft", "rm", "dpo")
+    assert set(OBJECTIVES) == set(roles)
+    assert [OBJECTIVES[r].causal_lm for r in roles] == [True, False, True, False, True]
 
 
 @pytest.mark.parametrize(("loss_agg", "units"), [
@@ -31,6 +33,12 @@ def test_every_trainer_role_has_an_objective():
 def test_policy_units_follow_the_loss_aggregation(loss_agg, units):
     objective = PolicyObjective(algo=SimpleNamespace(loss_agg=loss_agg))
     assert objective.units(Batch(2, {"mask": MASK})).tolist() == units
+
+
+def test_a_preference_pair_is_one_unit_and_only_simpo_needs_no_reference():
+    assert PreferenceObjective().units(Batch(2, {"sequences": torch.zeros(3, 2, 4)})).tolist() == [1, 1, 1]
+    assert PreferenceObjective(loss_kind="ipo").needs_reference
+    assert not PreferenceObjective(loss_kind="simpo").needs_reference
 
 
 def test_critic_sft_and_rm_units():

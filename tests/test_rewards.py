@@ -8,7 +8,7 @@ import torch
 
 from rayrlhf.batch import build_batch
 from rayrlhf.config import load_config
-from rayrlhf.driver import apply_rewards
+from rayrlhf.driver import score_rollout, shape_rewards
 from rayrlhf.errors import RewardError
 from rayrlhf.modeling import load_scalar_model, sequence_scores
 from rayrlhf.rewards import BUILTIN
@@ -150,16 +150,17 @@ def rollout_with(scores):
 
 def test_unusable_reward_stops_the_run_naming_the_sample():
     rollout, rewards = rollout_with([1.0, math.nan, 0.0])
-    cfg = load_config("conf/tiny_ppo.yaml", []).reward
+    cfg = load_config("conf/tiny_ppo.yaml", [])
     with pytest.raises(RewardError, match=r"reward for sample 1 is unusable: reward function 'f' gave nan"
                                           r".*prompt 'klm', response 'nxyz'"):
-        apply_rewards(rollout, rewards, cfg)
+        score_rollout(rollout, rewards, cfg)
 
 
 def test_skip_invalid_drops_the_sample_and_counts_it():
     rollout, rewards = rollout_with([1.0, math.nan, 0.0])
-    cfg = load_config("conf/tiny_ppo.yaml", ["reward.skip_invalid=true"]).reward
-    metrics = apply_rewards(rollout, rewards, cfg)
+    cfg = load_config("conf/tiny_ppo.yaml", ["reward.skip_invalid=true"])
+    score_rollout(rollout, rewards, cfg)
+    metrics = shape_rewards(rollout, cfg.reward)
     assert metrics["reward/invalid"] == 1.0
     assert metrics["reward/mean"] == 0.5
     assert rollout.batch["mask"][1].sum() == 0 and rollout.batch["mask"][0].sum() == 4
