@@ -289,6 +289,25 @@ def test_dynamic_sampling_takes_the_first_informative_groups_then_tops_up():
     assert choose_groups([[False, True], [False, False]], need=3) == ([(0, 1)], [(0, 0), (1, 0)])
 
 
+def test_masked_truncated_responses_count_in_their_group_but_train_nothing():
+    """algorithm.mask_truncated: sample 1 of the group (scores 1, 0, 0, 1) was cut at the length
+    limit; GRPO's group statistics still include its 0, so the others' advantages are those of the
+    whole group, and its own tokens leave the loss."""
+    from types import SimpleNamespace
+
+    from rayrlhf.driver import add_advantages
+
+    batch = build_batch([[1]] * 4, [[2, 3]] * 4, pad_id=0)
+    batch["mask"], batch["valid"] = torch.ones(4, 2), torch.ones(4)
+    batch["scores"] = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    batch["truncated"] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    algo = SimpleNamespace(estimator="grpo", kl_in="loss", gamma=1.0, mask_truncated=True)
+    add_advantages(batch, algo, kl_coef=0.0, group_size=4)
+    assert batch["mask"].tolist() == [[1, 1], [0, 0], [1, 1], [1, 1]]
+    a = 0.5 / math.sqrt(1 / 3)  # (s - 0.5) / sample std of (1, 0, 0, 1)
+    assert torch.allclose(batch["advantages"][:, 0], torch.tensor([a, 0.0, -a, a]), atol=1e-5)
+
+
 def test_gspo_ratio_is_the_responses_length_normalised_ratio():
     """Row 0: log-ratios 0.2 and 0 -> s = exp(0.1) on both tokens; row 1: one valid token of 0.3
     (the padding's 5.0 takes no part) -> s = exp(0.3). With A = -1 nothing is clipped at 0.5 and

@@ -1,4 +1,4 @@
-"""SFT and reward-model data: label masking, packing, pair layout, bad rows, the built-in task."""
+"""SFT, reward-model and DPO data: label masking, packing, pair layout, bad rows, the built-in task."""
 
 import json
 import random
@@ -93,26 +93,29 @@ def write_rows(path, rows):
     return str(path)
 
 
-def test_bad_preference_rows_are_counted_or_named(tmp_path, tokenizer):
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_bad_preference_rows_are_counted_or_named(tmp_path, tokenizer, stage):
+    """The reward model and DPO read preference pairs alike."""
     rows = [{"prompt": "ab=", "chosen": "cd", "rejected": "ce"}] * 6 + [
         {"prompt": "ab=", "chosen": "", "rejected": "ce"},          # empty response: skipped
         {"prompt": "ab=", "chosen": "cd", "rejected": "cd"},        # identical: skipped
         {"prompt": "ab=", "chosen": "c" * 40, "rejected": "d"},     # overlong: truncated
         {"prompt": "ab=", "chosen": "cd", "rejected": "ce"}]        # held out (last 10%)
-    cfg = stage_data_cfg("rm", path=write_rows(tmp_path / "p.jsonl", rows), max_tokens=16)
-    data = load_supervised("rm", cfg, "", tokenizer, 0)
+    cfg = stage_data_cfg(stage, path=write_rows(tmp_path / "p.jsonl", rows), max_tokens=16)
+    data = load_supervised(stage, cfg, "", tokenizer, 0)
     assert data.counts == {"empty_response": 1, "identical_pair": 1, "overlong_truncated": 1,
                            "overlong_dropped": 0}
     assert len(data.train) == 7 and len(data.eval) == 1
     assert max(len(e[0]) + len(e[1]) for e in data.train) == 16
     assert "1 empty response, 1 identical pair, 1 overlong truncated" in data.describe()
 
-    cfg = stage_data_cfg("rm", path=cfg.path, max_tokens=16, overlong="drop")
-    assert load_supervised("rm", cfg, "", tokenizer, 0).counts["overlong_dropped"] == 1
+    cfg = stage_data_cfg(stage, path=cfg.path, max_tokens=16, overlong="drop")
+    assert load_supervised(stage, cfg, "", tokenizer, 0).counts["overlong_dropped"] == 1
 
     missing = write_rows(tmp_path / "m.jsonl", rows[:3] + [{"prompt": "ab=", "chosen": "cd"}])
-    with pytest.raises(DataError, match=r"m.jsonl, row 3: no string field 'rejected' \(set rm.data.rejected"):
-        load_supervised("rm", stage_data_cfg("rm", path=missing), "", tokenizer, 0)
+    message = rf"m.jsonl, row 3: no string field 'rejected' \(set {stage}.data.rejected_field"
+    with pytest.raises(DataError, match=message):
+        load_supervised(stage, stage_data_cfg(stage, path=missing), "", tokenizer, 0)
 
 
 def test_sft_rows_with_custom_fields_and_an_eval_file(tmp_path, tokenizer):
