@@ -198,9 +198,10 @@ def choose_groups(informative: list[list[bool]], need: int) -> tuple[Groups, Gro
 class DynamicSampling:
     """DAPO's dynamic sampling (algorithm.dynamic_sampling). A prompt group whose rewards are all
     equal (alg.informative_groups, on the reward sources' sum: the penalties only shape what the
-    rewards teach) has nothing to teach a group estimator: it is dropped, and more rounds of prompts are sampled (with the same weights) and scored until
-    the step has trainer.prompts_per_step informative groups, at most `max_extra_rounds` more. The
-    first prompts_per_step informative groups train; the surplus is discarded."""
+    rewards teach) has nothing to teach a group estimator: it is dropped, and more rounds of prompts
+    are sampled (with the same weights) and scored until the step has trainer.prompts_per_step
+    informative groups, at most `max_extra_rounds` more. The first prompts_per_step informative
+    groups train; the surplus is discarded."""
 
     def __init__(self, cfg: DictConfig, system: RLHFSystem, sampler: PromptSampler):
         self.cfg, self.system, self.sampler = cfg, system, sampler
