@@ -256,6 +256,11 @@ class PreferenceObjective(Objective):
     def needs_reference(self) -> bool:
         return self.loss_kind != "simpo"
 
+    @property
+    def keeps_prompt_groups(self) -> bool:
+        """A pair shares its prompt within its own row: rows need not stay together."""
+        return False
+
     def loss(self, module, batch: Batch) -> tuple[torch.Tensor, Stats]:
         loss, stats = self._scored(module, batch)
         return loss, {"loss/dpo": loss.detach(), **{f"dpo/{k}": v for k, v in stats.items()}}

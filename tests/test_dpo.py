@@ -48,12 +48,14 @@ def test_each_loss_learns_to_prefer_the_held_out_chosen_responses(tmp_path, ray_
 
 
 def test_dpo_on_zero3_ranks_with_lora_resumes_where_it_stopped(tmp_path, ray_cluster, tiny_policy):
-    """Two ZeRO-3 ranks, LoRA, each pair packed after one copy of its prompt. The ranks score the
-    reference before their first step (the first loss is log 2); a run stopped after step 2 takes
-    those scores from its checkpoint when resumed (its weights are no longer the reference's), so
-    steps 3 and 4 are the uninterrupted run's."""
+    """Two ZeRO-3 ranks, LoRA, each pair packed after one copy of its prompt, micro-batches of about
+    256 tokens (two a rank: 16 pairs of about 30 tokens). The ranks score the reference before their
+    first step (the first loss is log 2); a run stopped after step 2 takes those scores from its
+    checkpoint when resumed (its weights are no longer the reference's), so steps 3 and 4 are the
+    uninterrupted run's."""
     args = ("dpo.num_ranks=2", "dpo.zero_stage=3", "dpo.lora.rank=4", "dpo.packing=true",
-            "dpo.micro_batch_size=8", "dpo.max_steps=4", "dpo.checkpoint_every=2")
+            "dpo.micro_batch_size=16", "dpo.micro_batch_tokens=256", "dpo.max_steps=4",
+            "dpo.checkpoint_every=2")
     whole = dpo(tmp_path, tiny_policy, *args, out="whole")
     dpo(tmp_path, tiny_policy, *args, "dpo.max_steps=2", out="split")
     resumed = dpo(tmp_path, tiny_policy, *args, "resume=true", out="split")
