@@ -117,10 +117,11 @@ class RolloutService:
         order, so a weight sync sent later waits for this generation).
 
         Sampling is seeded per prompt from (run seed, step, attempt: the step's round of dynamic
-        sampling, position), so it is reproducible. The
-        engine seeds a prompt's k-th sample with its seed + k, so the prompts' seeds are `rollout.n`
-        apart: no two samples of a step share a random stream (with neighbouring seeds, prompt i's
-        second sample drew prompt i+1's first one's numbers)."""
+        sampling, position), so it is reproducible. The engine seeds a prompt's k-th sample with its
+        seed + k, so the prompts' seeds are `rollout.n` apart: no two samples of a step share a
+        random stream (with neighbouring seeds, prompt i's second sample drew prompt i+1's first
+        one's numbers)."""
+        # A step's first round keeps the seeds it had before there were rounds.
         base = random.Random(f"{self.cfg.seed}:{step}" + (f":{attempt}" if attempt else "")).randrange(2**31)
         spacing = self.cfg.rollout.n
         seeds = [(base + i * spacing) % 2**31 for i in range(len(prompts))]

@@ -169,3 +169,52 @@ def test_multi_turn_grpo_through_the_chat_template_on_a_131k_vocabulary(tmp_path
     samples = [json.loads(line) for line in (tmp_path / "agent" / "samples.jsonl").read_text().splitlines()]
     continued = [s for s in samples if "<tool_response>try again 1</tool_response>" in s["response"]]
     assert len(continued) >= len(samples) // 2, [s["response"] for s in samples]
+
+
+# Half the prompts (those that start with a-m) get the same reward whatever the response: their
+# groups teach nothing, and dynamic sampling must drop them.
+HALF_SILENT = FINGERPRINT + '''
+
+def half_silent(prompts, responses, **fields):
+    scores = reward(prompts, responses)
+    return [0.0 if p[0] <= "m" else s for p, s in zip(prompts, scores)]
+'''
+
+
+def test_dapo_joins_rounds_on_a_131k_vocabulary(tmp_path, ray_cluster, realistic_models):
+    """Dynamic sampling on the Qwen2 shape (tied embeddings, q/k/v biases): batches joined from several
+    rounds, re-padded with the real tokenizer's pad id, still give the trainer the engine's log-probs;
+    GSPO's sequence-level ratio and the overlong penalty on the way."""
+    rewards = tmp_path / "half_silent.py"
+    rewards.write_text(HALF_SILENT)
+    history = run(tmp_path, "dapo", realistic_models("qwen2"), f"reward.function={rewards}:half_silent",
+                  "algorithm.estimator=grpo", "algorithm.kl_coef=0", "algorithm.ratio_level=sequence",
+                  "algorithm.loss_agg=seq_mean_token_mean", "algorithm.dynamic_sampling.enable=true",
+                  "algorithm.dynamic_sampling.max_extra_rounds=8", "reward.overlong_buffer=4")
+    agree_from_the_first_batch(history)
+    assert sum(m["dynamic_sampling/groups_dropped"] for m in history) > 0
+    assert all(m["dynamic_sampling/shortfall"] == 0 and m["dynamic_sampling/rounds"] >= 1 for m in history)
+
+
+def test_dpo_on_chat_pairs_with_a_131k_vocabulary(tmp_path, ray_cluster, realistic_models):
+    """DPO from the Qwen2-shaped model on conversational prompts through its chat template: the ranks'
+    reference log-probs (the fused 131k-vocabulary path, tied embeddings) are the training forward's
+    at the first step, so its loss is log 2; the loss moves after."""
+    import math
+
+    from rayrlhf.supervised import train_supervised
+
+    rows = [{"prompt": [{"role": "system", "content": "Answer with one word."},
+                        {"role": "user", "content": f"Name a colour, number {i}."}],
+             "chosen": ["Blue.", "Red.", "Green."][i % 3], "rejected": "I am not sure what you mean."}
+            for i in range(40)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(map(json.dumps, rows)))
+    model = realistic_models("qwen2")
+    summary = train_supervised("dpo", load_config("conf/tiny_dpo.yaml", [
+        f"model.path={model}", "model.build_tiny=false", f"output_dir={tmp_path / 'dpo'}",
+        f"dpo.data.path={data}", "dpo.batch_size=8", "dpo.micro_batch_size=4", "dpo.max_steps=3",
+        "dpo.lr=1e-4", "dpo.data.eval_fraction=0.2", "eval.function=''"], stage="dpo"))
+    steps = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isclose(steps[0]["loss/dpo"], math.log(2), abs_tol=1e-4), steps[0]
+    assert steps[-1]["loss/dpo"] != steps[0]["loss/dpo"] and math.isfinite(summary["eval/loss"])
