@@ -54,6 +54,11 @@ def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
     })
 
 
+def pair_rows(pairs: Batch) -> Batch:
+    """Preference pairs [B, 2, ...] (data.preference_batch) as 2B rows: chosen, rejected, chosen, ..."""
+    return Batch(pairs.prompt_len, {k: v.flatten(0, 1) for k, v in pairs.tensors.items()})
+
+
 def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
     """The rows of `batches` in one batch of the shared layout: prompts left-padded to the longest
     prompt width, responses right-padded to the longest response width. Per-row tensors [B] are

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rayrlhf.algorithms import PenaltyMask, Sampling, chunked_logprobs, response_mask
-from rayrlhf.batch import Batch, pack_rows, position_ids
+from rayrlhf.batch import Batch, pack_rows, pair_rows, position_ids
 from rayrlhf.cpu_platform import OneDNNLinear
 from rayrlhf.errors import ModelError
 from rayrlhf.lora import plain_model
@@ -233,8 +233,7 @@ def _scalar_head(model, batch: Batch) -> torch.Tensor:
 
 def pair_scores(model, batch: Batch) -> torch.Tensor:
     """[B, 2] reward-model scores of preference pairs laid out by data.preference_batch."""
-    flat = Batch(batch.prompt_len, {k: v.flatten(0, 1) for k, v in batch.tensors.items()})
-    return sequence_scores(model, flat).view(len(batch), 2)
+    return sequence_scores(model, pair_rows(batch)).view(len(batch), 2)
 
 
 def token_values(model, batch: Batch, packing: str = "none") -> torch.Tensor:

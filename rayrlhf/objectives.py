@@ -21,7 +21,7 @@ from rayrlhf.algorithms import (
     preference_loss,
     value_loss,
 )
-from rayrlhf.batch import Batch, build_batch
+from rayrlhf.batch import Batch, build_batch, pair_rows
 from rayrlhf.modeling import (
     pair_scores,
     policy_logprobs,
@@ -288,9 +288,8 @@ class PreferenceObjective(Objective):
     def _sequence_logps(self, module, batch: Batch) -> torch.Tensor:
         """[B, 2] summed log-probs of each pair's chosen and rejected responses (with packing, both
         follow one copy of the prompt)."""
-        pairs = {k: v for k, v in batch.tensors.items() if k != "ref_logps"}
-        flat = Batch(batch.prompt_len, {k: v.flatten(0, 1) for k, v in pairs.items()})
-        return policy_logprobs(module, flat, Sampling(), self.packing).sum(dim=1).view(len(batch), 2)
+        logprobs = policy_logprobs(module, pair_rows(batch), Sampling(), self.packing)
+        return logprobs.sum(dim=1).view(len(batch), 2)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
