@@ -26,15 +26,15 @@ from rayrlhf.errors import RayRLHFError
 # What a PPO checkpoint means: the models and their layout over ranks, the estimator (which
 # trainers exist), and the size of the batches it holds (asynchronous runs keep them).
 PPO_RESUME_KEYS = ("model.path", "model.tokenizer", "model.dtype", "critic.model_path",
-                   "algorithm.estimator", "actor.num_ranks", "actor.zero_stage", "actor.lora",
-                   "critic.num_ranks", "critic.zero_stage", "critic.lora", "trainer.prompts_per_step",
+                   "algorithm.estimator", "actor.num_ranks", "actor.zero_stage", "actor.peft",
+                   "critic.num_ranks", "critic.zero_stage", "critic.peft", "trainer.prompts_per_step",
                    "rollout.n")
 
 
 def supervised_resume_keys(stage: str) -> tuple[str, ...]:
     """An SFT, RM or DPO checkpoint: its model, layout over ranks, and data order (path, batch,
     seed); for DPO also the loss (SimPO's checkpoints hold no reference log-probs)."""
-    own = ("model_path", "num_ranks", "zero_stage", "lora", "batch_size", "data.path") + \
+    own = ("model_path", "num_ranks", "zero_stage", "peft", "batch_size", "data.path") + \
         (("loss",) if stage == "dpo" else ())
     return ("seed", "model.path", "model.dtype", *(f"{stage}.{key}" for key in own))
 

@@ -4,6 +4,7 @@ change values the schema already has, and `validate` rejects what cannot run bef
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rayrlhf.algorithms import (
 )
 from rayrlhf.rollout import ENGINES
 from rayrlhf.tiny import TEST_FAMILIES
-from rayrlhf.validation import LR_SCHEDULES, WEIGHT_TRANSPORTS, ConfigError, rule, validate
+from rayrlhf.validation import LR_SCHEDULES, PEFT_METHODS, WEIGHT_TRANSPORTS, ConfigError, rule, validate
 
 
 @dataclass
@@ -184,12 +185,38 @@ class RewardConfig(ReferenceConfig):
 
 
 @dataclass
-class LoraConfig:
-    # LoRA rank (via peft); 0 trains every parameter.
-    rank: int = rule(0, ge=0, why="0 is off")
-    alpha: float = 16.0
-    dropout: float = 0.0
+class PeftConfig:
+    # none: every parameter trains. lora; qlora: LoRA over the base stored in 4-bit (bitsandbytes,
+    # computing in model.dtype); adalora: LoRA whose ranks are pruned by importance during training;
+    # ia3: learnt scales of the target layers' outputs (inputs for feedforward_modules); prompt:
+    # virtual token embeddings before the input; ptuning: the same from a small prompt encoder (P-tuning
+    # v1); prefix: virtual keys and values in every layer from an MLP (prefix tuning); ptuning_v2: the
+    # same learnt directly (P-tuning v2, deep prompt tuning).
+    method: str = rule("none", one_of=PEFT_METHODS)
+    # lora, qlora, adalora, ia3: the adapted linear layers.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # lora, qlora: the rank; adalora: the average rank it prunes down to, from init_rank.
+    rank: int = rule(8, ge=1)
+    alpha: float = rule(16.0, gt=0)
+    dropout: float = rule(0.0, ge=0, lt=1)
+    # qlora: 4-bit NormalFloat or float, and double quantization of the quantization constants.
+    quant_type: str = rule("nf4", one_of=("nf4", "fp4"))
+    double_quant: bool = True
+    # adalora: starting rank; optimizer steps before pruning starts (tinit) and at the end with
+    # ranks fixed (tfinal); steps between reallocations (deltaT); weight of the orthogonality
+    # penalty on the singular vectors.
+    init_rank: int = rule(12, ge=1)
+    warmup_steps: int = rule(0, ge=0)
+    final_steps: int = rule(0, ge=0)
+    reallocate_every: int = rule(1, ge=1)
+    orth_reg_weight: float = rule(0.5, ge=0)
+    # ia3: the target modules whose input is scaled (the MLP's down projection, as in the paper).
+    feedforward_modules: list[str] = field(default_factory=list)
+    # prompt, ptuning, prefix, ptuning_v2: how many virtual tokens.
+    virtual_tokens: int = rule(16, ge=1)
+    # ptuning: the prompt encoder's hidden width and kind; prefix: the MLP's hidden width.
+    encoder_hidden_size: int = rule(128, ge=1)
+    encoder_type: str = rule("MLP", one_of=("MLP", "LSTM"))
 
 
 @dataclass
@@ -217,7 +244,7 @@ class TrainerRoleConfig:
     # compilation (the actor and critic compile during set-up, beside the engines' start-up;
     # torch caches it on disk). Not with ZeRO-3 partitioned weights.
     compile: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 @dataclass
@@ -525,6 +552,10 @@ def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
     reason = str(err).splitlines()[0]
     if "not in" in reason or "Key '" in reason and "not" in reason:
+        moved = re.match(r"(\w+)\.lora\b", key)
+        if moved:
+            return (f"unknown config key '{key}': LoRA moved to {moved[1]}.peft (method=lora, and rank, "
+                    "alpha, dropout, target_modules as before)")
         return f"unknown config key '{key}'"
     return f"bad value for config key '{key}': {reason}"
 

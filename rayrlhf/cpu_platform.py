@@ -115,7 +115,11 @@ class OneDNNLinear(torch.nn.Linear):
         if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and x.dim() >= 2
                 and x.numel() and not hasattr(self.weight, "ds_id")  # a ZeRO-3 partition
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            return _LinearFunction.apply(x, self.weight, self.bias)
+            # 2-D through the Function, reshaped outside it: oneDNN returns a 3-D result as a view,
+            # and autograd forbids in-place updates of a custom Function's view outputs (AdaLoRA's
+            # layers add their update to the base layer's output in place).
+            out = _LinearFunction.apply(x.flatten(0, -2), self.weight, self.bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
         return super().forward(x)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from rayrlhf.adapters import SOFT_PROMPT_DIR, last_hidden_state, plain_model
 from rayrlhf.algorithms import PenaltyMask, Sampling, chunked_logprobs, response_mask
 from rayrlhf.batch import Batch, pack_rows, pair_rows, position_ids
 from rayrlhf.cpu_platform import OneDNNLinear
 from rayrlhf.errors import ModelError
-from rayrlhf.lora import plain_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -17,15 +17,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PACKED_ATTENTION = "rayrlhf_packed_sdpa"
 
 
-def load_causal_lm(path: str, dtype: str):
+def load_causal_lm(path: str, dtype: str, quantization=None):
+    """`quantization`: transformers' option for a quantized base (adapters.quantization)."""
     from transformers import AutoModelForCausalLM
 
     _register_packed_attention()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
-                                                attn_implementation=PACKED_ATTENTION)
+    return _same_products_in_eval(AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], attn_implementation=PACKED_ATTENTION, **_quantized(quantization)))
 
 
-def load_scalar_model(path: str, dtype: str):
+def load_scalar_model(path: str, dtype: str, quantization=None):
     """A sequence-classification model with one output: the reward model, and the critic.
 
     Started from a causal LM checkpoint, the backbone is reused and the scalar head is new.
@@ -33,8 +34,26 @@ def load_scalar_model(path: str, dtype: str):
     from transformers import AutoModelForSequenceClassification
 
     _register_packed_attention()
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype],
-                                                              attn_implementation=PACKED_ATTENTION)
+    return _same_products_in_eval(AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=DTYPES[dtype], attn_implementation=PACKED_ATTENTION,
+        **_quantized(quantization)))
+
+
+def _same_products_in_eval(model):
+    """bitsandbytes' 4-bit layers, on CPUs with AVX512-BF16, switch in eval mode without gradients
+    to a repacked bf16 kernel: log-probs computed for PPO's old policy, the reference or the sync
+    check would then differ from the training forward's by the CPU model. Kept on the one path
+    (dequantize, then the product in the compute dtype) on every CPU."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _quantized(quantization) -> dict:
+    # bitsandbytes quantizes the weights as they reach their device: straight onto this rank's.
+    return {} if quantization is None else {"quantization_config": quantization,
+                                            "device_map": {"": default_device()}}
 
 
 def _register_packed_attention() -> None:
@@ -100,6 +119,10 @@ def check_model_path(key: str, path: str, tokenizer: bool = False) -> None:
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
     if looks_local and not Path(path).expanduser().exists():
         raise ModelError(f"{key} '{path}' does not exist")
+    if (Path(path).expanduser() / SOFT_PROMPT_DIR).exists():
+        raise ModelError(f"{key} '{path}' was trained with a soft prompt ({SOFT_PROMPT_DIR}/), which only "
+                         "peft applies: the roles here load plain weights (train it with a mergeable "
+                         "peft.method)")
     try:
         (AutoTokenizer if tokenizer else AutoConfig).from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any loader failure means an unusable path
@@ -172,10 +195,10 @@ def policy_logprobs_and_entropy(model, batch: Batch, sampling: Sampling, with_en
     the padding). Only the hidden states that score a response token reach the LM head (see
     algorithms.chunked_logprobs)."""
     inputs, pick = _scoring_inputs(batch, packing)
-    model = plain_model(model)
     responses = batch["sequences"][:, batch.prompt_len:]
     real = response_mask(responses, batch["response_lengths"]).bool()
-    hidden = pick(model.base_model(**inputs, use_cache=False).last_hidden_state)[real]
+    hidden = pick(last_hidden_state(model, inputs))[real]
+    model = plain_model(model)
     seen = None
     if sampling.penalises:
         prompts, prompt_mask = (batch[key][:, :batch.prompt_len] for key in ("sequences", "attention_mask"))
@@ -190,12 +213,12 @@ def policy_logprobs_and_entropy(model, batch: Batch, sampling: Sampling, with_en
 def sft_token_logprobs(model, batch: Batch) -> torch.Tensor:
     """[M] log-probs of the M tokens under `loss_mask` of rows laid out by data.sft_batch, each from
     the position before it; packed examples attend only within themselves."""
-    model = plain_model(model)
     segments = batch["segment_ids"]
     mask = segment_mask(segments) if segments.max() > 1 else (segments > 0).long()
-    hidden = model.base_model(input_ids=batch["sequences"], attention_mask=mask,
-                              position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    hidden = last_hidden_state(model, {"input_ids": batch["sequences"], "attention_mask": mask,
+                                       "position_ids": batch["position_ids"]})
     scored = batch["loss_mask"][:, 1:].bool()
+    model = plain_model(model)
     return chunked_logprobs(hidden[:, :-1][scored], _lm_head(model), batch["sequences"][:, 1:][scored],
                             Sampling(), _chunk_positions(model, hidden.device))[0]
 
@@ -226,9 +249,8 @@ def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 
 def _scalar_head(model, batch: Batch) -> torch.Tensor:
     """[B, T] the scalar head applied at every position (HF reads it at one position only)."""
-    model = plain_model(model)
-    hidden = model.base_model(**_model_inputs(batch), use_cache=False).last_hidden_state
-    return model.score(hidden).squeeze(-1).float()
+    hidden = last_hidden_state(model, _model_inputs(batch))
+    return plain_model(model).score(hidden).squeeze(-1).float()
 
 
 def pair_scores(model, batch: Batch) -> torch.Tensor:
@@ -239,9 +261,8 @@ def pair_scores(model, batch: Batch) -> torch.Tensor:
 def token_values(model, batch: Batch, packing: str = "none") -> torch.Tensor:
     """[B, N] V(x, y_<i): read where the logits that score response token i are read."""
     inputs, pick = _scoring_inputs(batch, packing)
-    model = plain_model(model)
-    hidden = pick(model.base_model(**inputs, use_cache=False).last_hidden_state)
-    return model.score(hidden).squeeze(-1).float()
+    hidden = pick(last_hidden_state(model, inputs))
+    return plain_model(model).score(hidden).squeeze(-1).float()
 
 
 def sequence_scores(model, batch: Batch) -> torch.Tensor:

@@ -80,6 +80,10 @@ class RLHFSystem:
             # Actor __init__ errors (a bad model, an engine that cannot start) surface here.
             self.clock.wait([a.__ray_ready__.remote() for g in self.groups for a in g.actors], "start-up")
             self.rollout = RolloutService(cfg, engines, self.actor, self.clock, pad_token_id)
+            if cfg.actor.peft.method == "qlora":
+                # The policy starts from the 4-bit base, dequantized, not from the weights the engines
+                # loaded: they get it before they sample the first batch.
+                self.rollout.sync_weights()
         except BaseException:
             self.shutdown()
             raise

@@ -10,6 +10,19 @@ from collections import defaultdict
 import torch
 
 from rayrlhf import weight_sync
+from rayrlhf.adapters import (
+    SOFT_PROMPT_DIR,
+    adalora_state,
+    apply_peft,
+    dense_spec,
+    hf_weights,
+    load_adalora_state,
+    orthogonality_penalty,
+    plain_model,
+    quantization,
+    reallocate_ranks,
+    save_plain,
+)
 from rayrlhf.algorithms import Sampling
 from rayrlhf.batch import (
     Batch,
@@ -20,9 +33,9 @@ from rayrlhf.batch import (
 )
 from rayrlhf.checkpoint import load_rng_states, save_rng_states
 from rayrlhf.cpu_platform import onednn_chosen, use_onednn_linear
-from rayrlhf.lora import apply_lora, hf_weights, plain_model
 from rayrlhf.modeling import DTYPES, default_device, load_causal_lm, load_scalar_model, to_device
 from rayrlhf.objectives import OBJECTIVES
+from rayrlhf.validation import SOFT_PROMPT_PEFT
 from rayrlhf.weight_channel import SendingRank
 
 
@@ -98,11 +111,12 @@ class TrainerWorker(SendingRank):
             # Kept alive so from_pretrained loads straight into ZeRO-3 partitions.
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
         scalar_head = not self.objective.causal_lm
-        model = (load_scalar_model if scalar_head else load_causal_lm)(model_path, dtype)
+        model = (load_scalar_model if scalar_head else load_causal_lm)(
+            model_path, dtype, quantization(role_cfg.peft, DTYPES[dtype]))
         if role_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if role_cfg.lora.rank:
-            model = apply_lora(model, role_cfg.lora, scalar_head)
+        if role_cfg.peft.method != "none":
+            model = apply_peft(model, role_cfg.peft, scalar_head, total_steps)
             if role_cfg.gradient_checkpointing:
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         if onednn_chosen(model_cfg.linear_backend):
@@ -115,6 +129,9 @@ class TrainerWorker(SendingRank):
             # module); torch compiles it at its first forward and backward.
             plain_model(model).base_model.compile(dynamic=True)
         trained = [p for p in model.parameters() if p.requires_grad]
+        if self.rank == 0:
+            print(f"{self.role}: peft.method={role_cfg.peft.method} trains {_count(trained):,} of "
+                  f"{_count(model.parameters()):,} parameters", flush=True)
 
         def schedule(optimizer):  # DeepSpeed steps it after each optimizer step and checkpoints it
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda taken: lr_factor(
@@ -122,6 +139,9 @@ class TrainerWorker(SendingRank):
 
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds_config,
                                                lr_scheduler=schedule)
+        if role_cfg.peft.method == "adalora":  # between the optimizer step and the gradients' zeroing
+            self.engine.optimizer.register_step_post_hook(
+                lambda *_: reallocate_ranks(self.module, self.engine.global_steps))
         if self.world_size == 1 and role_cfg.zero_stage == 0:
             # One rank has nothing to all-reduce, but DeepSpeed would still copy every gradient
             # through a buffer at each step.
@@ -225,6 +245,7 @@ class TrainerWorker(SendingRank):
             share = units[rows].sum() * self.world_size / total if total > 0 else len(rows) / len(minibatch)
             self._start_micro_batch()
             loss, stats = self.objective.loss(self.module, to_device(micro, self.device), **loss_kwargs)
+            loss = loss + orthogonality_penalty(self.module)
             self.engine.backward(loss * float(share), scale_wrt_gas=False)
             for key, value in stats.items():
                 sums[key] += float(value)
@@ -256,14 +277,24 @@ class TrainerWorker(SendingRank):
 
     def save_checkpoint(self, path: str) -> None:
         """Weights, optimizer and learning-rate schedule (DeepSpeed's format; every rank writes its
-        shards), and this rank's random number generators (dropout draws from them)."""
-        self.engine.save_checkpoint(path, tag="deepspeed")
+        shards), and this rank's random number generators (dropout draws from them). With a peft
+        method only the trained weights: the frozen base loads from the model path again."""
+        self.engine.save_checkpoint(path, tag="deepspeed", exclude_frozen_parameters=self._peft,
+                                    client_state={"adalora": adalora_state(self.module)})
         save_rng_states(path, self.rank, self.device)
 
+    @property
+    def _peft(self) -> bool:
+        return self.cfg.peft.method != "none"
+
     def load_checkpoint(self, path: str) -> None:
-        loaded, _ = self.engine.load_checkpoint(path, tag="deepspeed")
+        # (not strict with a peft method: the checkpoint has no frozen weights, but a 4-bit base's
+        # quantization constants, which are no parameters, are there and are the loaded base's)
+        loaded, client_state = self.engine.load_checkpoint(path, tag="deepspeed",
+                                                           load_module_strict=not self._peft)
         if loaded is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {path}")
+        load_adalora_state(self.module, client_state.get("adalora", {}))
         load_rng_states(path, self.rank, self.device)
 
     def save(self, path: str) -> None:
@@ -275,7 +306,14 @@ class TrainerWorker(SendingRank):
                 if self.rank == 0:
                     state[name] = compute().detach().cpu().clone()
         if self.rank == 0:
-            plain_model(self.module).save_pretrained(path, state_dict=state, safe_serialization=True)
+            save_plain(self.module, path, state)
+        if self.cfg.peft.method in SOFT_PROMPT_PEFT:  # the virtual tokens, for peft to load on top of it
+            # (every rank computes them: under ZeRO-3 their encoder's weights are gathered collectively)
+            self.module.save_pretrained(f"{path}/{SOFT_PROMPT_DIR}", is_main_process=self.rank == 0)
+
+
+def _count(params) -> int:
+    return sum(math.prod(dense_spec(p)[0]) for p in params)
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float) -> float:

@@ -5,6 +5,7 @@ one place below, the rules that tie fields together. `validate` raises a ConfigE
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, fields, is_dataclass
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -23,6 +24,12 @@ SUPERVISED_STAGES = ("sft", "rm", "dpo")
 PPO_ROLES = ("rollout", "reference", "reward", "actor", "critic")
 WEIGHT_TRANSPORTS = ("auto", "shared_memory", "cuda_ipc", "collective")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Parameter-efficient methods (rayrlhf/adapters.py, all through peft). The first four change the
+# linear layers and merge into plain weights (the engines, saved models and next stages get those);
+# the soft prompts learn virtual tokens, which a plain model has no place for.
+MERGEABLE_PEFT = ("lora", "qlora", "adalora", "ia3")
+SOFT_PROMPT_PEFT = ("prompt", "ptuning", "prefix", "ptuning_v2")
+PEFT_METHODS = ("none", *MERGEABLE_PEFT, *SOFT_PROMPT_PEFT)
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,13 @@ def _check_common(cfg: DictConfig, stage: str | None) -> None:
     _check(list(cfg.pipeline.stages) == [s for s in STAGES if s in cfg.pipeline.stages], "pipeline.stages",
            f"must be in the order {', '.join(STAGES)} without repeats")
     stages = set(cfg.pipeline.stages)
+    for name in ("sft", "rm"):
+        method = cfg[name].peft.method
+        later = cfg.pipeline.stages[cfg.pipeline.stages.index(name) + 1:] if name in stages else []
+        _check(stage is not None or method not in SOFT_PROMPT_PEFT or not later, "pipeline.stages",
+               f"cannot go on to {later[0] if later else ''} after {name} with {name}.peft.method={method}: "
+               "its virtual tokens cannot be merged into the weights the next stage loads (use a mergeable "
+               f"method, or end the pipeline at {name})")
     _check("dpo" not in stages or not {"rm", "ppo"} & stages, "pipeline.stages",
            "runs dpo in place of rm and ppo ([sft, dpo]), not beside them")
     for name in cfg.pipeline.rerun:
@@ -170,10 +184,40 @@ def _check_trainer_role(cfg: DictConfig, role: str, longest_sample: int) -> None
            f"must be 0 (off) or at least the longest sample ({longest_sample} tokens), got {tokens}")
     _check(not (r.compile and r.zero_stage == 3), f"{role}.compile",
            "is not supported with zero_stage 3 (its weight-gathering hooks are untested under torch.compile)")
-    if r.lora.rank:
-        _check(r.lora.alpha > 0, f"{role}.lora.alpha", f"must be > 0, got {r.lora.alpha}")
-        _check(0 <= r.lora.dropout < 1, f"{role}.lora.dropout", f"must be in [0, 1), got {r.lora.dropout}")
-        _check(len(r.lora.target_modules) > 0, f"{role}.lora.target_modules", "must name at least one module")
+    _check_peft(cfg, role)
+
+
+def _check_peft(cfg: DictConfig, role: str) -> None:
+    r, key = cfg[role], f"{role}.peft.method"
+    p = r.peft
+    if p.method in MERGEABLE_PEFT:
+        _check(len(p.target_modules) > 0, f"{role}.peft.target_modules", "must name at least one module")
+    if p.method == "ia3":
+        stray = sorted(set(p.feedforward_modules) - set(p.target_modules))
+        _check(not stray, f"{role}.peft.feedforward_modules",
+               f"must be among the target_modules; {stray} are not")
+    if p.method == "qlora":
+        _check(importlib.util.find_spec("bitsandbytes") is not None, key,
+               "qlora needs bitsandbytes (pip install bitsandbytes), which is not installed")
+        _check(r.zero_stage != 3, key, "qlora runs with zero_stage 0-2: ZeRO-3 partitions every parameter, "
+               "and a 4-bit base is bitsandbytes' packed bytes with their quantization constants beside them")
+    if p.method == "adalora":
+        _check(p.init_rank >= p.rank, f"{role}.peft.init_rank",
+               f"must be >= peft.rank ({p.rank}), got {p.init_rank}")
+        why = ("adalora reallocates ranks from each adapter weight's gradient after the optimizer step and "
+               "masks the weights in place, which ZeRO's partitioned gradients and the fp32 master copies of "
+               "16-bit training hide from it")
+        _check(r.zero_stage == 0, key, f"needs {role}.zero_stage=0: {why}")
+        _check(cfg.model.dtype == "float32", key, f"needs model.dtype=float32: {why}")
+    if p.method in SOFT_PROMPT_PEFT:
+        if role in ("actor", "critic"):
+            _check(False, key, f"{p.method} is for the sft, rm and dpo stages: a soft prompt's virtual "
+                   "tokens cannot be merged into the weights the rollout engines load (and prefix keys and "
+                   f"values have no place in a vLLM engine); train the {role} with lora, qlora, adalora "
+                   "or ia3")
+        if role == "dpo":
+            _check(not r.packing, "dpo.packing", f"is not supported with dpo.peft.method={p.method} (packed "
+                   "pairs run as one token stream, with no place for the virtual tokens)")
 
 
 def _check_supervised(cfg: DictConfig, stage: str) -> None:

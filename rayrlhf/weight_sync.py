@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from rayrlhf.lora import hf_weights
+from rayrlhf.adapters import dense_spec, hf_weights
 
 # (HF parameter name, full shape, dtype name)
 ParamSpec = tuple[str, tuple[int, ...], str]
@@ -103,10 +103,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def parameter_specs(module: torch.nn.Module) -> list[ParamSpec]:
-    """The plain HF weights (LoRA merged), with full shapes also for ZeRO-3 partitioned
-    parameters (which keep theirs in `ds_shape`)."""
-    return [(name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
-            for name, (p, *_), _ in hf_weights(module)]
+    """The plain HF weights (adapters merged) with their full shapes and dtypes."""
+    return [(name, shape, str(dtype).removeprefix("torch."))
+            for name, (p, *_), _ in hf_weights(module) for shape, dtype in [dense_spec(p)]]
 
 
 def gathered(params: list[torch.nn.Parameter]):

@@ -175,9 +175,9 @@ def test_packed_rows_give_the_unpacked_gradients(tiny_policy, realistic_models, 
     models (tied embeddings take the gradient of both their uses)."""
     from transformers import AutoConfig, LlamaForCausalLM
 
+    from rayrlhf.adapters import apply_peft
     from rayrlhf.algorithms import response_mask
-    from rayrlhf.config import LoraConfig
-    from rayrlhf.lora import apply_lora
+    from rayrlhf.config import PeftConfig
     from rayrlhf.modeling import load_causal_lm, policy_logprobs
 
     config = AutoConfig.from_pretrained(tiny_policy)
@@ -189,7 +189,7 @@ def test_packed_rows_give_the_unpacked_gradients(tiny_policy, realistic_models, 
     batch = build_batch(prompts, responses, pad_id=0)
     mask = response_mask(batch["sequences"][:, batch.prompt_len:], batch["response_lengths"])
     assert pack_rows(batch, share_prompts=True).segment_ids.eq(0).any()  # rows with end padding
-    lora = apply_lora(load_causal_lm(tiny_policy, "float32"), LoraConfig(rank=4), scalar_head=False)
+    lora = apply_peft(load_causal_lm(tiny_policy, "float32"), PeftConfig(method="lora", rank=4), False, 1)
     # B starts at zero, which leaves A without a gradient; one non-zero B gives its A one too.
     torch.nn.init.normal_(lora.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight)
     models = [("tiny", load_causal_lm(tiny_policy, "float32")),

@@ -70,7 +70,8 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, ray_cluster, tiny_p
     dropout (the ranks' RNG states are kept) and a cosine schedule with warm-up (kept by DeepSpeed):
     the resumed steps are the uninterrupted run's."""
     extra = ["trainer.total_steps=4", "trainer.async_rollout=true", "trainer.max_staleness=2",
-             "algorithm.tis_cap=2.0", "actor.lora.rank=4", "actor.lora.dropout=0.1", "actor.lr=1e-2",
+             "algorithm.tis_cap=2.0", "actor.peft.method=lora", "actor.peft.rank=4",
+             "actor.peft.dropout=0.1", "actor.lr=1e-2",
              "actor.lr_schedule=cosine", "actor.warmup_steps=1", "critic.lr_schedule=linear"]
 
     def run(out, *more, after_step=None):
@@ -85,9 +86,9 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path, ray_cluster, tiny_p
 
     with pytest.raises(Crash):
         run(tmp_path / "split", after_step=crash_after_the_checkpoint)
-    with pytest.raises(RayRLHFError, match=r"actor.num_ranks: 1 there, 2 now.*actor.lora: .* now"):
+    with pytest.raises(RayRLHFError, match=r"actor.num_ranks: 1 there, 2 now.*actor.peft: .* now"):
         run(tmp_path / "split", "resume=true", "actor.num_ranks=2", "actor.micro_batch_size=8",
-            "actor.lora.rank=8")
+            "actor.peft.method=lora", "actor.peft.rank=8")
     rest = run(tmp_path / "split", "resume=true")
     assert [m["step"] for m in rest] == [3, 4]
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
@@ -110,7 +111,8 @@ def test_an_sft_stage_resumes_where_it_stopped(tmp_path, ray_cluster, tiny_polic
     def run(out, *more):
         return train_supervised("sft", load_config("conf/tiny_pipeline.yaml", [
             f"model.path={tiny_policy}", "model.build_tiny=false", f"output_dir={out}", "sft.max_steps=4",
-            "sft.checkpoint_every=2", "sft.lora.rank=4", "sft.lora.dropout=0.2", "sft.warmup_steps=3",
+            "sft.checkpoint_every=2", "sft.peft.method=lora", "sft.peft.rank=4", "sft.peft.dropout=0.2",
+            "sft.warmup_steps=3",
             "sft.eval_every=0", *more], stage="sft"))
 
     whole = run(tmp_path / "whole")

@@ -1,5 +1,6 @@
 """Config loading: presets, overrides, and errors that name the bad key before any actor starts."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,31 @@ def test_every_default_keeps_its_own_rule():
         return out
 
     assert broken(RunConfig) == []
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("ppo", ["actor.lora.rank=8"], "unknown config key 'actor.lora': LoRA moved to actor.peft (method=lora"),
+    ("ppo", ["actor.peft.method=prefix"], "'actor.peft.method' prefix is for the sft, rm and dpo stages: a "
+                                          "soft prompt's virtual tokens cannot be merged into the weights"),
+    ("ppo", ["critic.peft.method=prompt"], "'critic.peft.method' prompt is for the sft, rm and dpo stages"),
+    ("sft", ["sft.peft.method=qlora", "sft.zero_stage=3"], "'sft.peft.method' qlora runs with zero_stage"),
+    ("rm", ["rm.peft.method=adalora"], "'rm.peft.method' needs rm.zero_stage=0: adalora reallocates ranks"),
+    ("rm", ["rm.peft.method=adalora", "rm.zero_stage=0", "model.dtype=bfloat16"],
+     "'rm.peft.method' needs model.dtype=float32"),
+    ("sft", ["sft.peft.method=adalora", "sft.zero_stage=0", "sft.peft.init_rank=4"],
+     "'sft.peft.init_rank' must be >= peft.rank (8), got 4"),
+    ("sft", ["sft.peft.method=ia3", "sft.peft.feedforward_modules=[down_proj]"],
+     "'sft.peft.feedforward_modules' must be among the target_modules; ['down_proj'] are not"),
+    ("dpo", ["dpo.peft.method=ptuning", "dpo.packing=true"], "'dpo.packing' is not supported with "
+                                                             "dpo.peft.method=ptuning"),
+    (None, ["sft.peft.method=prompt"], "'pipeline.stages' cannot go on to rm after sft with "
+                                       "sft.peft.method=prompt"),
+    (None, ["rm.peft.method=ptuning_v2"], "'pipeline.stages' cannot go on to ppo after rm with "
+                                          "rm.peft.method=ptuning_v2"),
+])
+def test_peft_combinations_that_cannot_run(stage, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("conf/tiny_pipeline.yaml", overrides, stage)
+    if stage is None:  # a pipeline that ends at that stage runs
+        stages = {"sft": "[sft]", "rm": "[sft,rm]"}[overrides[0].split(".")[0]]
+        load_config("conf/tiny_pipeline.yaml", [*overrides, f"pipeline.stages={stages}"], stage=None)

@@ -53,7 +53,8 @@ def test_dpo_on_zero3_ranks_with_lora_resumes_where_it_stopped(tmp_path, ray_clu
     first step (the first loss is log 2); a run stopped after step 2 takes those scores from its
     checkpoint when resumed (its weights are no longer the reference's), so steps 3 and 4 are the
     uninterrupted run's."""
-    args = ("dpo.num_ranks=2", "dpo.zero_stage=3", "dpo.lora.rank=4", "dpo.packing=true",
+    args = ("dpo.num_ranks=2", "dpo.zero_stage=3", "dpo.peft.method=lora", "dpo.peft.rank=4",
+            "dpo.packing=true",
             "dpo.micro_batch_size=16", "dpo.micro_batch_tokens=256", "dpo.max_steps=4",
             "dpo.checkpoint_every=2")
     whole = dpo(tmp_path, tiny_policy, *args, out="whole")

@@ -32,6 +32,27 @@ def test_forward_and_backward_match_torch_linear(bias):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def test_the_output_takes_in_place_updates():
+    """Layers that wrap a linear one may add to its output in place (peft's AdaLoRA does); the
+    gradients are those of the same update on torch's output."""
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(16, 8), torch.randn(2, 5, 16, requires_grad=True)
+    update = torch.randn(2, 5, 8)
+
+    def run():
+        out = layer(x)
+        out += update
+        (out ** 2).sum().backward()
+        grads = x.grad.clone(), layer.weight.grad.clone()
+        x.grad, layer.weight.grad, layer.bias.grad = None, None, None
+        return grads
+
+    expected = run()
+    use_onednn_linear(layer)
+    for g, e in zip(run(), expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_weight_and_input_get_no_gradient():
     layer = torch.nn.Linear(16, 8)
     use_onednn_linear(layer)

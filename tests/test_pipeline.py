@@ -71,7 +71,8 @@ def test_a_rerun_carries_on_to_the_later_stages():
 
 
 def test_lora_on_every_trainer_changes_only_the_adapted_weights(tmp_path, ray_cluster, tiny_policy):
-    lora = [f"{role}.lora.rank=4" for role in ("sft", "rm", "actor", "critic")]
+    roles = ("sft", "rm", "actor", "critic")
+    lora = [f"{role}.peft.{key}" for role in roles for key in ("method=lora", "rank=4")]
     # Two data-parallel ranks for SFT and RM, and packed SFT rows, on the way.
     two_ranks = [f"{s}.{k}" for s in ("sft", "rm") for k in ("num_ranks=2", "micro_batch_size=16")]
     cfg = short_pipeline(tmp_path, tiny_policy, *lora, *two_ranks, "sft.packing=true", "sft.max_steps=10",
