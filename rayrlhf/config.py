@@ -130,6 +130,11 @@ class ReferenceConfig:
     cpus_per_worker: float = rule(0.5, gt=0)
     gpus_per_worker: float = rule(0.0, ge=0)
     micro_batch_size: int = rule(64, ge=1)
+    # With a mergeable peft method on the actor: its ranks compute the reference's log-probs with
+    # their adapters off, from the frozen base they hold (no reference workers, no second copy of
+    # the model; with qlora the reference is the 4-bit base, the policy's start, not the checkpoint
+    # in full precision).
+    from_actor_base: bool = False
 
 
 @dataclass

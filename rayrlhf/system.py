@@ -138,6 +138,8 @@ class RLHFSystem:
         calls = {"actor_infer": self.actor.scatter("infer", shards(self.actor))} if old_logprobs else {}
         if self.reference is not None:
             calls["reference_logprobs"] = self.reference.scatter("logprobs", shards(self.reference))
+        elif self.cfg.reference.from_actor_base and self.cfg.algorithm.kl_coef > 0:
+            calls["reference_logprobs"] = self.actor.scatter("base_logprobs", shards(self.actor))
         if self.critic is not None:
             calls["critic_infer"] = self.critic.scatter("infer", shards(self.critic))
         keys = {"actor_infer": "old_logprobs", "reference_logprobs": "ref_logprobs",

@@ -167,6 +167,13 @@ class TrainerWorker(SendingRank):
             out[rows] = output
         return out
 
+    @torch.no_grad()
+    def base_logprobs(self, batch: Batch) -> torch.Tensor:
+        """The log-probs of the actor's frozen base, its adapters off: the reference of
+        reference.from_actor_base."""
+        with self.module.disable_adapter():
+            return self.infer(batch)
+
     def _forwards(self, micro_batches: list[Batch], forward) -> list:
         """forward(micro) of each micro-batch, with as many forwards on every rank (under ZeRO-3
         each gathers the weights collectively): shares that differ by a row may differ by a
@@ -307,9 +314,12 @@ class TrainerWorker(SendingRank):
                     state[name] = compute().detach().cpu().clone()
         if self.rank == 0:
             save_plain(self.module, path, state)
-        if self.cfg.peft.method in SOFT_PROMPT_PEFT:  # the virtual tokens, for peft to load on top of it
-            # (every rank computes them: under ZeRO-3 their encoder's weights are gathered collectively)
-            self.module.save_pretrained(f"{path}/{SOFT_PROMPT_DIR}", is_main_process=self.rank == 0)
+        if self.cfg.peft.method in SOFT_PROMPT_PEFT:  # the virtual tokens, for peft to load on top of it,
+            # with the scalar head peft also trains; every rank computes them (under ZeRO-3 their
+            # encoder's forward gathers its weights collectively, and the head is gathered here)
+            head = [p for name, p in self.module.named_parameters() if ".modules_to_save." in name]
+            with weight_sync.gathered(head):
+                self.module.save_pretrained(f"{path}/{SOFT_PROMPT_DIR}", is_main_process=self.rank == 0)
 
 
 def _count(params) -> int:

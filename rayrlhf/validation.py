@@ -77,9 +77,10 @@ def rule(default=MISSING, *, factory=None, **checks):
 
 
 def roles_needed(cfg: DictConfig) -> set[str]:
-    """The roles a PPO run starts: the reference only for a KL term, the critic only for GAE."""
+    """The roles a PPO run starts: the reference only for a KL term (and not when the actor ranks
+    compute it, reference.from_actor_base), the critic only for GAE."""
     roles = {"rollout", "reward", "actor"}
-    if cfg.algorithm.kl_coef > 0:
+    if cfg.algorithm.kl_coef > 0 and not cfg.reference.from_actor_base:
         roles.add("reference")
     if cfg.algorithm.estimator == "gae":
         roles.add("critic")
@@ -238,6 +239,10 @@ def _check_supervised(cfg: DictConfig, stage: str) -> None:
 
 
 def _check_ppo(cfg: DictConfig) -> None:
+    method = cfg.actor.peft.method
+    _check(not cfg.reference.from_actor_base or method in MERGEABLE_PEFT, "reference.from_actor_base",
+           f"needs an actor with a mergeable peft.method ({', '.join(MERGEABLE_PEFT)}); with "
+           f"actor.peft.method={method} the actor holds no frozen base beside what it trains")
     _check(cfg.rollout.top_k == -1 or cfg.rollout.top_k >= 1, "rollout.top_k",
            f"must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
     _check(cfg.weight_sync.transport != "shared_memory" or cfg.actor.gpus_per_rank == 0,

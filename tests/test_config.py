@@ -203,6 +203,9 @@ def test_every_default_keeps_its_own_rule():
     ("ppo", ["actor.peft.method=prefix"], "'actor.peft.method' prefix is for the sft, rm and dpo stages: a "
                                           "soft prompt's virtual tokens cannot be merged into the weights"),
     ("ppo", ["critic.peft.method=prompt"], "'critic.peft.method' prompt is for the sft, rm and dpo stages"),
+    ("ppo", ["reference.from_actor_base=true"], "'reference.from_actor_base' needs an actor with a mergeable "
+                                                "peft.method (lora, qlora, adalora, ia3); with "
+                                                "actor.peft.method=none"),
     ("sft", ["sft.peft.method=qlora", "sft.zero_stage=3"], "'sft.peft.method' qlora runs with zero_stage"),
     ("rm", ["rm.peft.method=adalora"], "'rm.peft.method' needs rm.zero_stage=0: adalora reallocates ranks"),
     ("rm", ["rm.peft.method=adalora", "rm.zero_stage=0", "model.dtype=bfloat16"],

@@ -150,14 +150,18 @@ def held_out_metrics(cfg, stage: str, model) -> dict[str, float]:
 def test_every_method_trains_saves_and_resumes(tmp_path, ray_cluster, tiny_policy, stage):
     """Each method through the real stage (Ray, DeepSpeed, 4 steps): it trains only its own
     parameters; the saved model, loaded by transformers (and peft for a soft prompt), scores the
-    held-out data as the ranks did at the last step. SFT checkpoints keep a 4-bit base's adapters,
-    AdaLoRA's rank allocation and a prefix: steps 3 and 4 after a resume are the uninterrupted
-    run's (the reward model's checkpoints are the same code)."""
+    held-out data as the ranks did at the last step. LoRA runs on two ranks (SFT with packed rows),
+    a prefix on two ZeRO-3 ranks (packed SFT rows under its virtual keys). SFT checkpoints keep a
+    4-bit base's adapters and AdaLoRA's rank allocation: steps 3 and 4 after a resume are the
+    uninterrupted run's (the reward model's checkpoints are the same code)."""
     from transformers import AutoModelForCausalLM
 
     start = AutoModelForCausalLM.from_pretrained(tiny_policy).state_dict()
+    two_ranks = [f"{stage}.num_ranks=2", f"{stage}.micro_batch_size=16"] + \
+        ([f"{stage}.packing=true"] if stage == "sft" else [])
+    layout = {"lora": two_ranks, "prefix": [*two_ranks, f"{stage}.zero_stage=3"]}
     for method in (*MERGEABLE_PEFT, *SOFT_PROMPT_PEFT):
-        cfg = stage_config(tmp_path, tiny_policy, stage, method, method)
+        cfg = stage_config(tmp_path, tiny_policy, stage, method, method, *layout.get(method, []))
         summary = train_supervised(stage, cfg)
         rows = metric_rows(tmp_path / method)
         model = saved_model(tmp_path / method / "model", stage)
@@ -177,7 +181,7 @@ def test_every_method_trains_saves_and_resumes(tmp_path, ray_cluster, tiny_polic
             assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))
                                    for k in changed), (method, changed)
 
-        if stage == "sft" and method in ("qlora", "adalora", "prefix"):
+        if stage == "sft" and method in ("qlora", "adalora"):
             split = f"{method}-split"
             train_supervised(stage, stage_config(tmp_path, tiny_policy, stage, method, split,
                                                  f"{stage}.max_steps=2"))
@@ -204,19 +208,22 @@ def ppo_rows(tmp_path, policy, out, *more, stages=None):
 def test_mergeable_methods_train_actor_and_critic_with_engines_in_step(tmp_path, ray_cluster, tiny_policy):
     """The engines sample with the merged policy: a QLoRA actor's dequantized base plus its update
     (synced before the first batch, which the full-precision checkpoint the engines loaded would
-    otherwise sample), AdaLoRA's and IA3's; their log-probs match the trainer's at every step while
-    the policy moves. The pipeline carries each stage's method: an AdaLoRA SFT, a QLoRA reward
-    model, then PPO from both, the critic from the reward model with IA3."""
+    otherwise sample), and IA3's scaled weights and biases; their log-probs match the trainer's at
+    every step while the policy moves. The QLoRA actor also serves the reference; an AdaLoRA critic
+    trains beside it. The pipeline carries each stage's method: an AdaLoRA SFT, a QLoRA reward
+    model, then PPO from both, with a LoRA critic from the reward model. (AdaLoRA's and LoRA's
+    merged weights are the same update as QLoRA's, on a plain base: test_merged_weights_...)"""
     def in_step(rows):
         assert all(r["sync/logprob_gap_max"] < 1e-3 for r in rows), rows
         assert rows[-1]["kl/mean"] > 1e-3, rows  # the policy moved, so the agreement is not trivial
 
-    in_step(ppo_rows(tmp_path, tiny_policy, "qlora", "actor.peft.method=qlora", "critic.peft.method=adalora",
-                     "critic.zero_stage=0"))
-    in_step(ppo_rows(tmp_path, tiny_policy, "adalora", "actor.peft.method=adalora", "actor.zero_stage=0",
-                     "algorithm.estimator=grpo", "rollout.n=4"))
+    qlora = ppo_rows(tmp_path, tiny_policy, "qlora", "actor.peft.method=qlora", "critic.peft.method=adalora",
+                     "critic.zero_stage=0", "reference.from_actor_base=true")
+    in_step(qlora)
+    # The reference from the actor's own 4-bit base, its adapter off: where the policy starts (the
+    # KL of the first batch is 0), and no reference workers.
+    assert qlora[0]["kl/mean"] == 0 and not any(k.startswith("memory/reference") for k in qlora[0])
     in_step(ppo_rows(tmp_path, tiny_policy, "pipeline", "sft.peft.method=adalora", "sft.zero_stage=0",
-                     "rm.peft.method=qlora", "actor.peft.method=ia3", "critic.peft.method=ia3",
+                     "rm.peft.method=qlora", "actor.peft.method=ia3", "critic.peft.method=lora",
                      "actor.peft.target_modules=[q_proj,v_proj,down_proj]",
-                     "actor.peft.feedforward_modules=[down_proj]",
-                     stages="[sft,rm,ppo]"))
+                     "actor.peft.feedforward_modules=[down_proj]", stages="[sft,rm,ppo]"))
