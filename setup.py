@@ -19,8 +19,10 @@ setup(
         "datasets",
         "pyarrow",
         "tqdm",
-        # LoRA.
+        # The parameter-efficient methods (rayrlhf/adapters.py), and QLoRA's 4-bit base (its CPU
+        # kernels too).
         "peft==0.21.2",
+        "bitsandbytes==0.50.2",
         # The pipeline's curves.
         "matplotlib",
         "tensorboard",
