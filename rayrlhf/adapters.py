@@ -190,9 +190,11 @@ HFWeight = tuple[str, list[torch.nn.Parameter], Callable[[], torch.Tensor]]
 def hf_weights(module: torch.nn.Module) -> list[HFWeight]:
     """The plain model's weights, in named_parameters order, the mergeable methods' updates merged
     in (the adapters' own parameters and a soft prompt are not among them)."""
+    model = plain_model(module)
+    if model is module:  # (not importing peft, which takes seconds, in every trainer)
+        return [(name, [param], lambda p=param: _dense(p)) for name, param in model.named_parameters()]
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    model = plain_model(module)
     adapted = {name: layer for name, layer in model.named_modules() if isinstance(layer, BaseTunerLayer)}
     weights = []
     for name, param in model.named_parameters():

@@ -22,8 +22,10 @@ def load_causal_lm(path: str, dtype: str, quantization=None):
     from transformers import AutoModelForCausalLM
 
     _register_packed_attention()
-    return _same_products_in_eval(AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], attn_implementation=PACKED_ATTENTION, **_quantized(quantization)))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                 attn_implementation=PACKED_ATTENTION,
+                                                 **_quantized(quantization))
+    return model if quantization is None else _settle_4bit(model)
 
 
 def load_scalar_model(path: str, dtype: str, quantization=None):
@@ -34,26 +36,45 @@ def load_scalar_model(path: str, dtype: str, quantization=None):
     from transformers import AutoModelForSequenceClassification
 
     _register_packed_attention()
-    return _same_products_in_eval(AutoModelForSequenceClassification.from_pretrained(
+    model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=DTYPES[dtype], attn_implementation=PACKED_ATTENTION,
-        **_quantized(quantization)))
-
-
-def _same_products_in_eval(model):
-    """bitsandbytes' 4-bit layers, on CPUs with AVX512-BF16, switch in eval mode without gradients
-    to a repacked bf16 kernel: log-probs computed for PPO's old policy, the reference or the sync
-    check would then differ from the training forward's by the CPU model. Kept on the one path
-    (dequantize, then the product in the compute dtype) on every CPU."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
+        **_quantized(quantization))
+    return model if quantization is None else _settle_4bit(model)
 
 
 def _quantized(quantization) -> dict:
     # bitsandbytes quantizes the weights as they reach their device: straight onto this rank's.
     return {} if quantization is None else {"quantization_config": quantization,
                                             "device_map": {"": default_device()}}
+
+
+def _settle_4bit(model):
+    """A model just loaded with a 4-bit base (bitsandbytes), made to hold only that in memory and to
+    compute the same in eval mode as in training.
+
+    Memory: the unquantized tensors (embeddings, norms, head) are views of the checkpoint file's
+    memory map, which quantization read whole, so the process kept the full-precision file
+    resident (1.4 GB of a 340M-parameter model beside its 4-bit copy); they get their own memory,
+    and the allocator returns what quantization freed. Products: bitsandbytes' 4-bit layers, on
+    CPUs with AVX512-BF16, switch in eval mode without gradients to a repacked bf16 kernel, so the
+    old, reference and check log-probs would differ from the training forward's by the CPU model;
+    they are kept on one path (dequantize, then the product in the compute dtype) on every CPU."""
+    import ctypes
+    import gc
+
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if getattr(tensor, "quant_state", None) is None:
+                tensor.data = tensor.data.clone()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory stays with the allocator
+        pass
+    return model
 
 
 def _register_packed_attention() -> None:
