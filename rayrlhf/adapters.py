@@ -1,10 +1,10 @@
 """Parameter-efficient fine-tuning through peft, and the plain-HF view of a wrapped model.
 
 The rollout engines, the saved checkpoints and the next pipeline stage all want the weights a
-plain transformers model has. With the mergeable methods (config.MERGEABLE_PEFT) those are the
+plain transformers model has. With the mergeable methods (validation.MERGEABLE_PEFT) those are the
 base weights with the learnt update merged in, computed out of place so the trained adapters are
 never disturbed; a 4-bit base (qlora) is dequantized to the model's dtype first. The soft prompts
-(config.SOFT_PROMPT_PEFT) leave the base weights as they are and learn virtual tokens, which our
+(validation.SOFT_PROMPT_PEFT) leave the base weights as they are and learn virtual tokens, which our
 forward (`last_hidden_state`) puts before the inputs.
 """
 
