@@ -18,7 +18,6 @@ from rayrlhf.adapters import (
 )
 from rayrlhf.config import PeftConfig, load_config
 from rayrlhf.data import load_supervised, preference_batch, sft_batch
-from rayrlhf.driver import train
 from rayrlhf.errors import ModelError
 from rayrlhf.modeling import check_model_path, load_causal_lm, load_tokenizer, segment_mask
 from rayrlhf.objectives import OBJECTIVES
@@ -160,14 +159,19 @@ def test_every_method_trains_saves_and_resumes(tmp_path, ray_cluster, tiny_polic
     two_ranks = [f"{stage}.num_ranks=2", f"{stage}.micro_batch_size=16"] + \
         ([f"{stage}.packing=true"] if stage == "sft" else [])
     layout = {"lora": two_ranks, "prefix": [*two_ranks, f"{stage}.zero_stage=3"]}
-    for method in (*MERGEABLE_PEFT, *SOFT_PROMPT_PEFT):
-        cfg = stage_config(tmp_path, tiny_policy, stage, method, method, *layout.get(method, []))
-        summary = train_supervised(stage, cfg)
-        rows = metric_rows(tmp_path / method)
+    methods = (*MERGEABLE_PEFT, *SOFT_PROMPT_PEFT)
+    configs = {m: stage_config(tmp_path, tiny_policy, stage, m, m, *layout.get(m, [])) for m in methods}
+    summaries = run_stages(ray_cluster, [(stage, configs[m]) for m in methods])
+    resumed = ("qlora", "adalora") if stage == "sft" else ()
+    for more in (f"{stage}.max_steps=2", "resume=true"):
+        run_stages(ray_cluster, [(stage, stage_config(tmp_path, tiny_policy, stage, m, f"{m}-split", more))
+                                 for m in resumed])
+    for method in methods:
+        summary, rows = summaries[methods.index(method)], metric_rows(tmp_path / method)
         model = saved_model(tmp_path / method / "model", stage)
         if stage == "sft":
             assert summary["eval/loss"] < rows[0]["loss/sft"], (method, rows)
-        ours = held_out_metrics(cfg, stage, model)
+        ours = held_out_metrics(configs[method], stage, model)
         assert ours == pytest.approx({k: summary[k] for k in ours}, abs=1e-5), method
 
         saved = {k: v for k, v in plain_model(model).state_dict().items() if k in start}
@@ -180,50 +184,40 @@ def test_every_method_trains_saves_and_resumes(tmp_path, ray_cluster, tiny_polic
         elif method != "qlora":  # (whose saved weights are all its 4-bit base's, dequantized)
             assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))
                                    for k in changed), (method, changed)
-
-        if stage == "sft" and method in ("qlora", "adalora"):
-            split = f"{method}-split"
-            train_supervised(stage, stage_config(tmp_path, tiny_policy, stage, method, split,
-                                                 f"{stage}.max_steps=2"))
-            train_supervised(stage, stage_config(tmp_path, tiny_policy, stage, method, split, "resume=true"))
+        if method in resumed:
             loss = f"loss/{stage}"
-            resumed = [r[loss] for r in metric_rows(tmp_path / split)]
-            assert resumed[2:] == pytest.approx([r[loss] for r in rows[2:]], abs=1e-6), method
+            split = [r[loss] for r in metric_rows(tmp_path / f"{method}-split")]
+            assert split[2:] == pytest.approx([r[loss] for r in rows[2:]], abs=1e-6), method
 
 
-def ppo_rows(tmp_path, policy, out, *more, stages=None):
-    """A short PPO run (or pipeline), its metrics rows."""
-    args = [f"model.path={policy}", "model.build_tiny=false", f"output_dir={tmp_path / out}",
-            "trainer.total_steps=3", "trainer.prompts_per_step=16", "algorithm.train_batch_size=16",
-            "actor.micro_batch_size=16", "critic.micro_batch_size=16", "actor.lr=1e-2", *more]
-    if stages is None:
-        train(load_config("conf/tiny_ppo.yaml", args))
-        return metric_rows(tmp_path / out)
-    short = [f"pipeline.stages={stages}", "sft.max_steps=4", "rm.max_steps=4", "eval.every=0"]
-    run_pipeline(load_config("conf/tiny_pipeline.yaml", [*args, *short], stage=None))
-    return metric_rows(tmp_path / out / "ppo")
+def run_stages(ray, runs: list) -> list[dict]:
+    """train_supervised of each (stage, config), in Ray tasks two at a time: each run mostly waits
+    for its trainer actor's start-up on one core, so two take about the time of one."""
+    stage_task = ray.remote(num_cpus=0)(train_supervised)
+    summaries = []
+    for start in range(0, len(runs), 2):
+        summaries += ray.get([stage_task.remote(stage, cfg) for stage, cfg in runs[start:start + 2]])
+    return summaries
 
 
 @pytest.mark.integration
 def test_mergeable_methods_train_actor_and_critic_with_engines_in_step(tmp_path, ray_cluster, tiny_policy):
-    """The engines sample with the merged policy: a QLoRA actor's dequantized base plus its update
-    (synced before the first batch, which the full-precision checkpoint the engines loaded would
-    otherwise sample), and IA3's scaled weights and biases; their log-probs match the trainer's at
-    every step while the policy moves. The QLoRA actor also serves the reference; an AdaLoRA critic
-    trains beside it. The pipeline carries each stage's method: an AdaLoRA SFT, a QLoRA reward
-    model, then PPO from both, with a LoRA critic from the reward model. (AdaLoRA's and LoRA's
-    merged weights are the same update as QLoRA's, on a plain base: test_merged_weights_...)"""
-    def in_step(rows):
-        assert all(r["sync/logprob_gap_max"] < 1e-3 for r in rows), rows
-        assert rows[-1]["kl/mean"] > 1e-3, rows  # the policy moved, so the agreement is not trivial
-
-    qlora = ppo_rows(tmp_path, tiny_policy, "qlora", "actor.peft.method=qlora", "critic.peft.method=adalora",
-                     "critic.zero_stage=0", "reference.from_actor_base=true")
-    in_step(qlora)
-    # The reference from the actor's own 4-bit base, its adapter off: where the policy starts (the
-    # KL of the first batch is 0), and no reference workers.
-    assert qlora[0]["kl/mean"] == 0 and not any(k.startswith("memory/reference") for k in qlora[0])
-    in_step(ppo_rows(tmp_path, tiny_policy, "pipeline", "sft.peft.method=adalora", "sft.zero_stage=0",
-                     "rm.peft.method=qlora", "actor.peft.method=ia3", "critic.peft.method=lora",
-                     "actor.peft.target_modules=[q_proj,v_proj,down_proj]",
-                     "actor.peft.feedforward_modules=[down_proj]", stages="[sft,rm,ppo]"))
+    """The pipeline carries each stage's method: an AdaLoRA SFT, a LoRA reward model, then PPO from
+    both with a QLoRA actor and an IA3 critic (from the reward model). The engines sample with the
+    merged policy, the 4-bit base dequantized plus the update (synced before the first batch, which
+    the full-precision checkpoint the engines loaded would otherwise sample): their log-probs match
+    the trainer's at every step while the policy moves. The actor also serves the reference from its
+    own 4-bit base, its adapter off: where the policy starts (the first batch's KL is 0), with no
+    reference workers. (The other methods' merged weights: test_merged_weights_...)"""
+    run_pipeline(load_config("conf/tiny_pipeline.yaml", [
+        f"model.path={tiny_policy}", "model.build_tiny=false", f"output_dir={tmp_path}", "sft.max_steps=4",
+        "rm.max_steps=4", "eval.every=0", "trainer.total_steps=3", "trainer.prompts_per_step=16",
+        "algorithm.train_batch_size=16", "actor.micro_batch_size=16", "critic.micro_batch_size=16",
+        "actor.lr=1e-2", "sft.peft.method=adalora", "sft.zero_stage=0", "rm.peft.method=lora",
+        "actor.peft.method=qlora", "reference.from_actor_base=true", "critic.peft.method=ia3",
+        "critic.peft.target_modules=[q_proj,v_proj,down_proj]",
+        "critic.peft.feedforward_modules=[down_proj]"], stage=None))
+    rows = metric_rows(tmp_path / "ppo")
+    assert all(r["sync/logprob_gap_max"] < 1e-3 for r in rows), rows
+    assert rows[-1]["kl/mean"] > 1e-3, rows  # the policy moved, so the agreement is not trivial
+    assert rows[0]["kl/mean"] == 0 and not any(k.startswith("memory/reference") for k in rows[0])
