@@ -124,12 +124,16 @@ class RolloutConfig:
 
 
 @dataclass
-class ReferenceConfig:
-    """Frozen-model workers (the reference policy; the reward extends it)."""
+class FrozenWorkersConfig:
+    """Frozen-model workers (the reference policy's and the reward's)."""
     num_workers: int = rule(1, ge=1)
     cpus_per_worker: float = rule(0.5, gt=0)
     gpus_per_worker: float = rule(0.0, ge=0)
     micro_batch_size: int = rule(64, ge=1)
+
+
+@dataclass
+class ReferenceConfig(FrozenWorkersConfig):
     # With a mergeable peft method on the actor: its ranks compute the reference's log-probs with
     # their adapters off, from the frozen base they hold (no reference workers, no second copy of
     # the model; with qlora the reference is the 4-bit base, the policy's start, not the checkpoint
@@ -161,7 +165,7 @@ class RemoteRewardSpec:
 
 
 @dataclass
-class RewardConfig(ReferenceConfig):
+class RewardConfig(FrozenWorkersConfig):
     """The score of a response is the weighted sum of every configured source."""
     # A built-in function (see rayrlhf.rewards.BUILTIN) or `path/to/file.py[:name]` with
     # reward(prompts, responses, **fields) -> list[float]; empty or null for none.
