@@ -11,12 +11,13 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from rayrlhf.errors import RayRLHFError
 from rayrlhf.metrics import process_memory
 
 PLACEMENT_TIMEOUT_S = 120
+NODE_SLOT_ENV = "RAYRLHF_NODE_SLOT"
 
 
 def start_ray(ray_cfg) -> bool:
@@ -44,15 +45,18 @@ def bundle(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
 
 
-def reserve(name: str, bundles: list[dict[str, float]], strategy: str):
-    """A ready placement group, or an error saying what could not be placed."""
+def reserve(name: str, bundles: list[dict[str, float]], strategy: str, node_labels: dict[str, str]):
+    """A ready placement group (its bundles on nodes carrying `node_labels`), or an error saying
+    what could not be placed."""
     # Unique names: a driver may hold two groups of one role (a test comparing rank counts).
-    placement = placement_group(bundles, strategy=strategy, name=f"rayrlhf-{name}-{uuid.uuid4().hex[:8]}")
+    placement = placement_group(bundles, strategy=strategy, name=f"rayrlhf-{name}-{uuid.uuid4().hex[:8]}",
+                                bundle_label_selector=[node_labels] * len(bundles) if node_labels else None)
     try:
         ray.get(placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(placement)
-        raise RayRLHFError(f"cannot place {name}: it needs bundles {bundles} and the cluster has "
+        on = f" ({strategy}) on nodes labelled {node_labels}" if node_labels else f" ({strategy})"
+        raise RayRLHFError(f"cannot place {name}: it needs bundles {bundles}{on} and the cluster has "
                            f"{ray.available_resources()} free") from None
     return placement
 
@@ -62,7 +66,8 @@ class Colocation:
     of each role in it, with their cpus and gpus added up. `sizes` gives (actors, cpus, gpus per
     actor) of every role the run starts; a group with fewer than two of them shares nothing."""
 
-    def __init__(self, groups: list[list[str]], sizes: dict[str, tuple[int, float, float]], strategy: str):
+    def __init__(self, groups: list[list[str]], sizes: dict[str, tuple[int, float, float]],
+                 where: Callable[[str], dict]):
         self.placements: dict[str, object] = {}
         self.reserved = []
         try:
@@ -74,7 +79,8 @@ class Colocation:
                 bundles = [bundle(sum(sizes[role][1] for role in present if sizes[role][0] > i),
                                   sum(sizes[role][2] for role in present if sizes[role][0] > i))
                            for i in range(count)]
-                self.reserved.append(reserve(f"colocated roles {'+'.join(present)}", bundles, strategy))
+                self.reserved.append(reserve(f"colocated roles {'+'.join(present)}", bundles,
+                                             **where(present[0])))
                 self.placements |= dict.fromkeys(present, self.reserved[-1])
         except BaseException:
             self.release()
@@ -92,38 +98,69 @@ class Colocation:
 
 class RoleGroup:
     """`count` actors of `cls`, actor i on bundle i of a placement group: the role's own, one
-    bundle of {cpus, gpus} per actor, or one it shares with colocated roles (`placement`)."""
+    bundle of {cpus, gpus} per actor placed by `where` (reserve's strategy and node_labels), or one
+    it shares with colocated roles (`placement`)."""
 
     def __init__(self, name: str, cls: type, count: int, cpus: float, gpus: float, threads: int,
-                 args: Callable[[int], tuple] = lambda rank: (), strategy: str = "PACK", placement=None):
+                 args: Callable[[int], tuple] = lambda rank: (), where: dict | None = None, placement=None):
         self.name = name
         self.owns_placement = placement is None
-        self.placement = placement or reserve(f"role '{name}'", [bundle(cpus, gpus)] * count, strategy)
+        self.placement = placement or reserve(f"role '{name}'", [bundle(cpus, gpus)] * count,
+                                              **(where or {"strategy": "PACK", "node_labels": {}}))
         self.actors: list[Any] = []
         self._remote_cls, self._args = ray.remote(cls), args
         self._options = {"num_cpus": cpus, "num_gpus": gpus,
                          "runtime_env": {"env_vars": actor_env(threads, gpus)}}
+        # The node each actor was started on (a lost node's bundles may since have moved).
+        self.node_ids = self._bundle_nodes()[:count]
         self.actors = [self._start(rank) for rank in range(count)]
 
     def _start(self, rank: int):
         strategy = PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
         options = {"scheduling_strategy": strategy, **self._options}
+        # Which of the role's actors on its node this one is, for actors that pin threads to cores.
+        slot = self.node_ids[:rank].count(self.node_ids[rank])
+        env = {**options["runtime_env"]["env_vars"], NODE_SLOT_ENV: str(slot)}
+        options["runtime_env"] = {"env_vars": env}
         return self._remote_cls.options(**options).remote(*self._args(rank))
 
-    def restart(self, rank: int) -> None:
-        """A fresh actor for `rank` on its bundle, in place of one that died."""
+    def _bundle_nodes(self) -> list[str | None]:
+        """The node id of each bundle of the placement group, in bundle order (None for a bundle
+        not placed: one whose node was lost, until Ray places it again)."""
+        table = ray.util.placement_group_table(self.placement)
+        return [table["bundles_to_node_id"].get(i) for i in range(len(table["bundles"]))]
+
+    def restart(self, rank: int, timeout_s: float) -> None:
+        """A fresh actor for `rank` on its bundle, in place of one that died. Where its node is lost,
+        Ray places the bundle again on a node with room; if that does not happen within `timeout_s`,
+        NodeLost."""
         ray.kill(self.actors[rank], no_restart=True)
+        node, deadline = self.node_ids[rank], time.monotonic() + timeout_s
+        # A node whose raylet died is declared dead only after missed health checks: until then it
+        # is listed alive but runs nothing (an actor started there would wait, then die).
+        while node in alive_nodes() and not node_answers(node):
+            if time.monotonic() > deadline:
+                raise NodeLost(node, timeout_s)
+        if node not in alive_nodes():
+            while (self._bundle_nodes()[rank] or node) not in alive_nodes() - {node}:
+                if time.monotonic() > deadline:
+                    raise NodeLost(node, timeout_s)
+                time.sleep(0.5)
+            self.node_ids[rank] = self._bundle_nodes()[rank]
         self.actors[rank] = self._start(rank)
+
+    def lost(self) -> list[tuple[str, int]]:
+        """(node id, rank) of each actor whose node is gone."""
+        alive = alive_nodes()
+        return [(node, rank) for rank, node in enumerate(self.node_ids) if node not in alive]
 
     def find(self, actor_id: str) -> int | None:
         """The rank of the actor with this id (hex), if it is one of ours."""
         return next((i for i, a in enumerate(self.actors) if a._actor_id.hex() == actor_id), None)
 
     def nodes(self) -> list[str]:
-        """The IP of the node holding each actor's bundle."""
-        ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
-        bundles = ray.util.placement_group_table(self.placement)["bundles_to_node_id"]
-        return [ips.get(bundles[i], "?") for i in range(len(self.actors))]
+        """The node holding each actor (node_label)."""
+        return [node_label(node) for node in self.node_ids]
 
     def call(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         """The same call on every actor."""
@@ -140,6 +177,44 @@ class RoleGroup:
         self.actors = []
         if self.owns_placement:
             remove_placement_group(self.placement)
+
+
+class NodeLost(RayRLHFError):
+    """A node is gone with actors that cannot go elsewhere (no other node has room)."""
+
+    def __init__(self, node_id: str, waited_s: float):
+        super().__init__(f"node {node_label(node_id)} was lost and no node had room for its actors within "
+                         f"{waited_s:.0f} s (ray.node_loss_timeout_s)")
+        self.node_id, self.waited_s = node_id, waited_s
+
+
+def alive_nodes() -> set[str]:
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+@ray.remote(num_cpus=0)
+def _on_node() -> None:
+    pass
+
+
+def node_answers(node_id: str, timeout_s: float = 10.0) -> bool:
+    """Whether the node runs a task within `timeout_s`."""
+    probe = _on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+    try:
+        ray.get(probe, timeout=timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        ray.cancel(probe, force=True)
+        return False
+    return True
+
+
+def node_label(node_id: str) -> str:
+    """A node as its IP, and its id's start where several nodes share that IP (Ray nodes of one
+    machine): how placement and losses are reported."""
+    nodes = ray.nodes()
+    ip = next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == node_id), "?")
+    shared = sum(n["NodeManagerAddress"] == ip for n in nodes) > 1
+    return f"{ip}/{node_id[:6]}" if shared or ip == "?" else ip
 
 
 def describe_placement(groups: list[RoleGroup]) -> str:

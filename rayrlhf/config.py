@@ -457,6 +457,27 @@ class WeightSyncConfig:
     timeout_s: float = rule(600.0, gt=0)
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class RolePlacement:
+    # PACK, SPREAD, STRICT_PACK or STRICT_SPREAD for this role's bundles; empty: ray.placement_strategy.
+    strategy: str = rule("", one_of=("", *PLACEMENT_STRATEGIES))
+    # Labels each node of the role's bundles must carry, e.g. {pool: rollout} for nodes started with
+    # `ray start --labels pool=rollout`: which nodes a role may use, and where it goes if one is lost.
+    node_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RolePlacements:
+    rollout: RolePlacement = field(default_factory=RolePlacement)
+    reference: RolePlacement = field(default_factory=RolePlacement)
+    reward: RolePlacement = field(default_factory=RolePlacement)
+    actor: RolePlacement = field(default_factory=RolePlacement)
+    critic: RolePlacement = field(default_factory=RolePlacement)
+
+
 @dataclass
 class RayConfig:
     # Existing cluster address ("auto" under `ray job submit`); empty starts a local one.
@@ -471,13 +492,18 @@ class RayConfig:
     # Stream the actors' own logs (vLLM, DeepSpeed) to the console; they are always in Ray's log dir.
     log_to_driver: bool = False
     # How each role's bundles are placed: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.
-    placement_strategy: str = rule("PACK", one_of=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    placement_strategy: str = rule("PACK", one_of=PLACEMENT_STRATEGIES)
+    # Per role (rollout, reference, reward, actor, critic): its strategy and the nodes it may use.
+    roles: RolePlacements = field(default_factory=RolePlacements)
     # Groups of roles that share placement bundles, e.g. [[actor, reference, reward]]: bundle i
     # holds actor i of each role in the group and their cpus/gpus added up (0.5 GPU each puts two
     # roles on one GPU). Roles: rollout, reference, reward, actor, critic.
     colocate: list[list[str]] = field(default_factory=list)
     # Any remote call (generation, scoring, a training phase) taking longer is an error, not a hang.
     call_timeout_s: float = rule(3600.0, gt=0)
+    # When a node is lost, how long its rollout engines may wait for Ray to place them on another
+    # node with room (an autoscaler may be adding one) before the run stops, naming the checkpoint.
+    node_loss_timeout_s: float = rule(300.0, gt=0)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import platform
 from collections.abc import Iterator
 
@@ -277,3 +278,19 @@ def _unused_packed_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
     105 ms sync; with tied embeddings the LM head's own copy is re-packed all the same."""
     head = getattr(model, "lm_head", None)
     return [m for m in _input_embeddings(model) if m is not head]
+
+
+# 3. vLLM's CPU tensor parallelism: the workers' cores
+
+
+def tensor_parallel_cores(tp: int, cpus_per_engine: float, slot: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for an engine of `tp` CPU workers ("0|1": worker w's cores): the
+    engine's `cpus_per_engine` split evenly over its workers, at least one core each, the engines of
+    a node (`slot`: which of them this is) on cores of their own while the node has enough. vLLM's
+    own choice binds one worker per NUMA node and refuses to start where there are fewer nodes
+    than workers (most machines, for tp 2 or more)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per_worker = max(1, int(cpus_per_engine) // tp)
+    first = slot * tp * per_worker
+    return "|".join(",".join(str(cores[(first + w * per_worker + i) % len(cores)]) for i in range(per_worker))
+                    for w in range(tp))

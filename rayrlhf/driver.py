@@ -26,7 +26,7 @@ from rayrlhf.checkpoint import (
     resolve_resume,
     write_state,
 )
-from rayrlhf.cluster import start_ray
+from rayrlhf.cluster import NodeLost, node_label, start_ray
 from rayrlhf.data import PromptSampler, load_prompts
 from rayrlhf.errors import EnvironmentFailure, Interrupted, RayRLHFError, RewardError
 from rayrlhf.evaluation import held_out_prompts, rule_scores
@@ -123,8 +123,8 @@ def train(cfg: DictConfig, after_step: Callable[[dict], None] | None = None) -> 
                                       f"{saved}; to continue, run the same command with resume=true",
                                       stop.signum)
         save_policy(system, tokenizer, output_dir / "policy")
-    except ray.exceptions.RayActorError as err:
-        raise actor_died(err, system, output_dir) from None
+    except (ray.exceptions.RayActorError, NodeLost) as err:
+        raise roles_lost(err, system, output_dir) from None
     finally:
         stop.restore()
         if log is not None:
@@ -254,14 +254,24 @@ class DynamicSampling:
                         "dynamic_sampling/reward_mean_all": raw[valid].mean().item()}
 
 
-def actor_died(err: ray.exceptions.RayActorError, system: RLHFSystem | None, output_dir: Path
+def roles_lost(err: ray.exceptions.RayActorError | NodeLost, system: RLHFSystem | None, output_dir: Path
                ) -> RayRLHFError:
-    """A role that cannot be restarted in place (a trainer rank, a scorer) died: the run stops,
-    naming it and the checkpoint to resume from."""
-    who = system.describe_actor(err.actor_id) if system is not None and err.actor_id else "an actor"
+    """A role that cannot be restarted in place (a trainer rank, a scorer, engines whose lost node
+    left no room elsewhere) died: the run stops, naming it (and the node, if one was lost) and the
+    checkpoint to resume from."""
     saved = complete_checkpoints(output_dir)
     hint = (f"resume from {saved[-1]} with resume=true" if saved else
             "no checkpoint had been written (trainer.checkpoint_every)")
+    lost = system.lost_nodes() if system is not None else {}
+    if lost:
+        nodes = "; ".join(f"node {node_label(node)} was lost (its raylet stopped) with {', '.join(roles)}"
+                          for node, roles in lost.items())
+        why = f" and no node had room for them within {err.waited_s:.0f} s (ray.node_loss_timeout_s)" \
+            if isinstance(err, NodeLost) else ""
+        return RayRLHFError(f"{nodes}{why}; the run stopped and its other actors were released; {hint}")
+    if isinstance(err, NodeLost):
+        return RayRLHFError(f"{err}; the run stopped and its actors were released; {hint}")
+    who = system.describe_actor(err.actor_id) if system is not None and err.actor_id else "an actor"
     return RayRLHFError(f"{who} died ({type(err).__name__}: its process exited or was killed, e.g. "
                         f"out of memory); the run stopped and its actors were released; {hint}")
 

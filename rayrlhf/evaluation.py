@@ -10,6 +10,7 @@ from rayrlhf.cluster import RoleGroup, wait
 from rayrlhf.data import Prompt, load_prompts
 from rayrlhf.rewards import load_reward_function
 from rayrlhf.rollout import engine_class
+from rayrlhf.validation import role_placement
 
 
 def held_out_prompts(cfg: DictConfig, tokenizer) -> list[Prompt]:
@@ -34,7 +35,8 @@ def policy_task_score(cfg: DictConfig, model_path: str, tokenizer) -> float:
     engine_args = (model_path, cfg.model.tokenizer, r, cfg.model.dtype, cfg.seed,
                    cfg.data.max_prompt_tokens + r.max_new_tokens)
     engine = RoleGroup("rollout", engine_class(r.engine), 1, r.cpus_per_engine, r.gpus_per_engine,
-                       cfg.ray.threads_per_actor, lambda _: engine_args, cfg.ray.placement_strategy)
+                       cfg.ray.threads_per_actor, lambda _: engine_args,
+                       role_placement(cfg.ray, "rollout"))
     try:
         seeds = [cfg.seed + i * r.n for i in range(len(prompts))]
         answers = wait(engine.actors[0].generate.remote([p.token_ids for p in prompts], seeds,

@@ -218,7 +218,7 @@ class RolloutService:
                 tqdm.write(f"rollout engine(s) {dead} died; restarting them with the current weights "
                            f"({self.restarts} of rollout.max_restarts={limit} restarts used)")
                 for rank in dead:
-                    self.engines.restart(rank)
+                    self.engines.restart(rank, self.cfg.ray.node_loss_timeout_s)
                     for pending in self.in_flight:
                         pending.refs[rank] = None
                 self.clock.wait([a.__ray_ready__.remote() for a in self.engines.actors], "engine restart")

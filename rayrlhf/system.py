@@ -13,7 +13,7 @@ from rayrlhf.rollout import engine_class, response_budget
 from rayrlhf.rollout_service import Rollout, RolloutService, split_evenly
 from rayrlhf.scorers import ReferenceWorker, RewardWorker
 from rayrlhf.trainer import TrainerWorker
-from rayrlhf.validation import roles_needed
+from rayrlhf.validation import role_placement, roles_needed
 
 
 def role_sizes(cfg) -> dict[str, tuple[int, float, float]]:
@@ -32,8 +32,8 @@ def trainer_group(role: str, role_cfg, model_path: str, train_batch_size: int, c
     """`role_cfg.num_ranks` DeepSpeed ranks of `role`, rendezvoused and loaded from `model_path`."""
     ranks = role_cfg.num_ranks
     group = RoleGroup(role, TrainerWorker, ranks, role_cfg.cpus_per_rank, role_cfg.gpus_per_rank,
-                      cfg.ray.threads_per_actor, lambda rank: (role, rank, ranks), cfg.ray.placement_strategy,
-                      placement)
+                      cfg.ray.threads_per_actor, lambda rank: (role, rank, ranks),
+                      role_placement(cfg.ray, role), placement)
     timeout_s = cfg.ray.call_timeout_s
     try:
         master_addr, master_port = wait(group.actors[0].address.remote(), f"{role} rendezvous", timeout_s)
@@ -57,7 +57,8 @@ class RLHFSystem:
         self.colocation: Colocation | None = None
         max_model_len = cfg.data.max_prompt_tokens + response_budget(cfg.rollout)
         try:
-            self.colocation = Colocation(cfg.ray.colocate, role_sizes(cfg), cfg.ray.placement_strategy)
+            self.colocation = Colocation(cfg.ray.colocate, role_sizes(cfg),
+                                         lambda role: role_placement(cfg.ray, role))
             r = cfg.rollout
             engines = self._group("rollout", engine_class(r.engine), r.num_engines, r.cpus_per_engine,
                                   r.gpus_per_engine, lambda i: (model_path, cfg.model.tokenizer, r,
@@ -91,7 +92,7 @@ class RLHFSystem:
     def _group(self, name, cls, count, cpus, gpus, args) -> RoleGroup:
         ray_cfg = self.cfg.ray
         group = RoleGroup(name, cls, count, cpus, gpus, ray_cfg.threads_per_actor, args,
-                          ray_cfg.placement_strategy, self.colocation.placement(name))
+                          role_placement(ray_cfg, name), self.colocation.placement(name))
         self.groups.append(group)
         return group
 
@@ -170,8 +171,16 @@ class RLHFSystem:
         for group in self.groups:
             rank = group.find(actor_id)
             if rank is not None:
-                return f"{group.name} {'rank' if group.name in ('actor', 'critic') else 'worker'} {rank}"
+                return _member(group, rank)
         return f"actor {actor_id}"
+
+    def lost_nodes(self) -> dict[str, list[str]]:
+        """The nodes gone from the cluster, each with the actors of the system that were on it."""
+        lost: dict[str, list[str]] = {}
+        for group in self.groups:
+            for node, rank in group.lost():
+                lost.setdefault(node, []).append(_member(group, rank))
+        return lost
 
     def save_checkpoint(self, path: str) -> None:
         self.clock.wait(self._each_trainer("save_checkpoint", path), "checkpoint save")
@@ -195,3 +204,8 @@ class RLHFSystem:
         self.groups = []
         if self.colocation is not None:
             self.colocation.release()
+
+
+def _member(group: RoleGroup, rank: int) -> str:
+    kind = {"actor": "rank", "critic": "rank", "rollout": "engine"}.get(group.name, "worker")
+    return f"{group.name} {kind} {rank}"

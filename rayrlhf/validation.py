@@ -153,6 +153,11 @@ def _check_common(cfg: DictConfig, stage: str | None) -> None:
     for role in colocated:
         _check(role in PPO_ROLES, "ray.colocate", f"names '{role}'; roles are {', '.join(PPO_ROLES)}")
     _check(len(colocated) == len(set(colocated)), "ray.colocate", "names a role more than once")
+    for members in cfg.ray.colocate:
+        placements = {role: role_placement(cfg.ray, role) for role in members}
+        _check(len({repr(where) for where in placements.values()}) == 1, "ray.roles",
+               f"differs between the colocated roles {', '.join(members)}, which share bundles: "
+               f"{placements}")
     longest_sample = {"actor": cfg.data.max_prompt_tokens + response_budget(cfg.rollout),
                       "sft": cfg.sft.data.max_tokens, "rm": 2 * cfg.rm.data.max_tokens,  # rm, dpo: a pair
                       "dpo": 2 * cfg.dpo.data.max_tokens}
@@ -250,6 +255,10 @@ def _check_ppo(cfg: DictConfig) -> None:
            "collective)")
     _check(cfg.weight_sync.transport != "cuda_ipc" or cfg.actor.gpus_per_rank > 0, "weight_sync.transport",
            "cuda_ipc needs GPU trainers and engines (actor.gpus_per_rank, rollout.gpus_per_engine)")
+    tp, gpus = cfg.rollout.tensor_parallel_size, cfg.rollout.gpus_per_engine
+    _check(tp == 1 or gpus in (0, tp), "rollout.gpus_per_engine",
+           f"must be rollout.tensor_parallel_size ({tp}) for tensor-parallel GPU engines (a GPU per worker, "
+           f"all in the engine's bundle); got {gpus}")
     _check(not cfg.rollout.sleep or cfg.rollout.gpus_per_engine > 0, "rollout.sleep",
            "is for GPU engines (vLLM sleep mode releases GPU memory); set rollout.gpus_per_engine")
     _check(not (cfg.rollout.sleep and cfg.trainer.async_rollout), "rollout.sleep",
@@ -328,3 +337,11 @@ def _check_reward(cfg: DictConfig) -> None:
     _check_function(cfg, "reward.function")
     for i in range(len(reward.functions)):
         _check_function(cfg, f"reward.functions[{i}].function")
+
+
+def role_placement(ray_cfg: DictConfig, role: str) -> dict:
+    """How `role`'s placement group is made: {"strategy": ..., "node_labels": {...}}; the
+    supervised stages' trainers (sft, rm, dpo) take ray.placement_strategy, on any node."""
+    where = ray_cfg.roles[role] if role in PPO_ROLES else None
+    return {"strategy": where.strategy or ray_cfg.placement_strategy if where else ray_cfg.placement_strategy,
+            "node_labels": dict(where.node_labels) if where else {}}

@@ -8,6 +8,7 @@ import os
 import torch
 
 from rayrlhf import agent, cpu_platform, weight_sync
+from rayrlhf.cluster import NODE_SLOT_ENV
 from rayrlhf.rollout import RolloutEngine, Sample
 
 
@@ -30,12 +31,20 @@ class VLLMEngine(RolloutEngine):
             # arriving mid-decode); so could long single-turn prompts.
             cpu_scheduling = {"enable_chunked_prefill": False,
                               "max_num_batched_tokens": max(max_model_len, 4096)}
+            if rollout_cfg.tensor_parallel_size > 1:
+                # The user's binding wins (their own in the actor's environment).
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_platform.tensor_parallel_cores(
+                    rollout_cfg.tensor_parallel_size, rollout_cfg.cpus_per_engine,
+                    int(os.environ.get(NODE_SLOT_ENV, "0"))))
 
         self.cfg = rollout_cfg
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
                        seed=seed, enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len,
                        block_size=rollout_cfg.block_size or None,
                        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+                       # Worker processes of its own: Ray's executor would place them outside the
+                       # engine's bundle, in placement groups of their own.
+                       distributed_executor_backend="mp" if rollout_cfg.tensor_parallel_size > 1 else None,
                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
                        kv_cache_memory_bytes=kv_cache_bytes,
                        enable_sleep_mode=rollout_cfg.sleep,

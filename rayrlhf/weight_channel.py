@@ -80,7 +80,7 @@ class WeightChannel:
 
     def _shared_memory_possible(self) -> bool:
         transport = self.cfg.weight_sync.transport
-        same_node = set(self.engines.nodes()) == {self.actor.nodes()[0]}
+        same_node = set(self.engines.node_ids) == {self.actor.node_ids[0]}
         if transport == "shared_memory" and not same_node:
             raise RayRLHFError("weight_sync.transport=shared_memory needs every rollout engine on actor "
                                f"rank 0's node; they were placed on {self._placement()}")

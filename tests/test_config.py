@@ -40,6 +40,9 @@ def test_preset_and_overrides_merge():
     ("algorithm.dual_clip=0.5", "'algorithm.dual_clip' must be > 1"),
     ("ray.placement_strategy=RANDOM", "'ray.placement_strategy' must be one of PACK, SPREAD"),
     ("ray.call_timeout_s=0", "'ray.call_timeout_s' must be > 0"),
+    ("ray.node_loss_timeout_s=0", "'ray.node_loss_timeout_s' must be > 0"),
+    ("ray.roles.rolout.strategy=SPREAD", "unknown config key 'ray.roles.rolout'"),
+    ("ray.roles.actor.strategy=RANDOM", "'ray.roles.actor.strategy' must be one of , PACK, SPREAD"),
     ("algorithm.estimator=grpo", "'rollout.n' must be >= 2 for algorithm.estimator=grpo"),
     ("ray.colocate=[[actor,judge]]", "'ray.colocate' names 'judge'; roles are rollout, reference"),
     ("ray.colocate=[[actor,reward],[reward,critic]]", "'ray.colocate' names a role more than once"),
@@ -79,6 +82,14 @@ def test_recipe_combinations_that_cannot_run_are_refused():
         load_config("conf/tiny_dpo.yaml", ["dpo.loss=ipo", "dpo.label_smoothing=0.1"], stage="dpo")
     with pytest.raises(ConfigError, match="'dpo.beta' must be > 0"):
         load_config("conf/tiny_dpo.yaml", ["dpo.beta=0"], stage="dpo")
+
+
+def test_placements_that_cannot_hold_are_refused():
+    with pytest.raises(ConfigError, match="'ray.roles' differs between the colocated roles actor, ref"):
+        load_config(PRESET, ["ray.colocate=[[actor,reference]]", "ray.roles.actor.node_labels.pool=a"])
+    with pytest.raises(ConfigError, match=r"'rollout.gpus_per_engine' must be rollout.\w+ \(4\) for"):
+        load_config(PRESET, ["rollout.tensor_parallel_size=4", "rollout.gpus_per_engine=1",
+                             "actor.gpus_per_rank=1"])
 
 
 def test_compiled_layers_are_refused_with_partitioned_weights():

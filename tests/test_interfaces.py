@@ -1,5 +1,7 @@
 """The seams other implementations plug into: the rollout-engine interface and the weight transports."""
 
+import os
+
 import torch
 
 from rayrlhf import weight_sync
@@ -50,3 +52,17 @@ def test_the_private_vllm_packing_is_patched_only_on_the_versions_checked(monkey
     monkeypatch.setattr(vllm, "__version__", cpu_platform.CHECKED_VLLM[0] + "0")
     cpu_platform.keep_plain_linear_weights()
     assert utils.dispatch_cpu_unquantized_gemm.original is original
+
+
+def test_tensor_parallel_cpu_engines_bind_each_worker_to_cores_of_its_own(monkeypatch):
+    """VLLM_CPU_OMP_THREADS_BIND from the engine's bundle: its cpus split over its workers, the
+    engines of a node side by side, sharing cores only when the node has too few."""
+    from rayrlhf.cpu_platform import tensor_parallel_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert tensor_parallel_cores(2, 4, slot=0) == "0,1|2,3"
+    assert tensor_parallel_cores(2, 4, slot=1) == "4,5|6,7"
+    assert tensor_parallel_cores(2, 4, slot=2) == "0,1|2,3"
+    assert tensor_parallel_cores(4, 2, slot=0) == "0|1|2|3"  # a core per worker at least
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {8, 9})
+    assert tensor_parallel_cores(2, 2, slot=0) == "8|9"
