@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rayrlhf.config import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 
@@ -40,9 +42,14 @@ def test_rayjob_manifest():
     assert spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
-    (workers,) = cluster["workerGroupSpecs"]
-    (container,) = workers["template"]["spec"]["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # The pools the preset it runs places its roles on.
+    preset = load_config(spec["entrypoint"].split("--config ")[1].split()[0])
+    pools = {group["rayStartParams"]["labels"]: group for group in cluster["workerGroupSpecs"]}
+    assert set(pools) == {f"pool={where.node_labels.pool}" for where in preset.ray.roles.values()
+                          if where.node_labels}
+    for group in pools.values():
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
 
 

@@ -175,6 +175,12 @@ def test_submit_runs_a_job_whose_engines_share_the_actors_node(cluster, tmp_path
     assert (run / "policy" / "config.json").exists()
 
 
+def titled(prefix: str) -> list[psutil.Process]:
+    """The processes whose title (Ray's ray::<Class>, vLLM's VLLM::Worker_TP<i>) starts with `prefix`."""
+    return [process for process in psutil.process_iter(["cmdline"])
+            if " ".join(process.info["cmdline"] or []).startswith(prefix)]
+
+
 class NodeKiller(threading.Thread):
     """Kills the node of the engine's processes once `steps` (a list, consumed in order) iterations
     are logged: the first the node of the engine then, and so on."""
@@ -191,10 +197,9 @@ class NodeKiller(threading.Thread):
             while time.monotonic() < deadline:
                 metrics = self.run_dir / "metrics.jsonl"
                 logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-                engine = next((p for p in psutil.process_iter(["cmdline"])
-                               if " ".join(p.info["cmdline"] or []).startswith("ray::VLLMEngine")), None)
-                if logged >= after and engine is not None:
-                    self.cluster.kill(self.cluster.node_of(engine.pid))
+                engines = titled("ray::VLLMEngine")
+                if logged >= after and engines:
+                    self.cluster.kill(self.cluster.node_of(engines[0].pid))
                     self.killed_at.append(time.monotonic())
                     break
                 time.sleep(0.05)
@@ -237,3 +242,8 @@ def test_lost_engine_nodes_restart_it_elsewhere_then_stop_the_run(cluster, tmp_p
     # After the restart the engine sampled with the trained weights, loaded by both its workers.
     gaps = [m["sync/logprob_gap_mean"] for m in metrics]
     assert all(gap < 1e-3 for gap in gaps), gaps
+    # No engine worker outlives its engine: those of the killed nodes, nor the restarted engine's.
+    deadline = time.monotonic() + 30
+    while titled("VLLM::Worker"):
+        assert time.monotonic() < deadline, "a vLLM worker process outlived the run"
+        time.sleep(1)
