@@ -40,17 +40,33 @@ PPO_PROGRESS = {"reward": "reward/mean", "kl": "kl/mean", "len": "response/lengt
 
 
 def process_memory() -> dict[str, float]:
-    """This process's memory in GiB, so each actor can report its own role's footprint."""
+    """This process's memory in GiB, with that of the processes it started (a tensor-parallel
+    engine's workers), so each actor can report its own role's footprint."""
     import resource
 
     import psutil
     import torch
 
-    out = {"rss_gib": psutil.Process().memory_info().rss / 2**30,
-           "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    children = psutil.Process().children(recursive=True)
+    out = {"rss_gib": sum(_rss(process) for process in [psutil.Process(), *children]) / 2**30,
+           "rss_peak_gib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+                            + sum(_rss(process, peak=True) for process in children)) / 2**30}
     if torch.cuda.is_available():
         out["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _rss(process, peak: bool = False) -> int:
+    """A process's resident bytes, or its peak (VmHWM); 0 for one that has exited."""
+    import psutil
+
+    try:
+        if not peak:
+            return process.memory_info().rss
+        with open(f"/proc/{process.pid}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (psutil.Error, OSError, StopIteration):
+        return 0
 
 
 class MetricsLog:
