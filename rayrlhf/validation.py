@@ -155,7 +155,7 @@ def _check_common(cfg: DictConfig, stage: str | None) -> None:
     _check(len(colocated) == len(set(colocated)), "ray.colocate", "names a role more than once")
     for members in cfg.ray.colocate:
         placements = {role: role_placement(cfg.ray, role) for role in members}
-        _check(len({repr(where) for where in placements.values()}) == 1, "ray.roles",
+        _check(all(where == placements[members[0]] for where in placements.values()), "ray.roles",
                f"differs between the colocated roles {', '.join(members)}, which share bundles: "
                f"{placements}")
     longest_sample = {"actor": cfg.data.max_prompt_tokens + response_budget(cfg.rollout),
@@ -342,6 +342,7 @@ def _check_reward(cfg: DictConfig) -> None:
 def role_placement(ray_cfg: DictConfig, role: str) -> dict:
     """How `role`'s placement group is made: {"strategy": ..., "node_labels": {...}}; the
     supervised stages' trainers (sft, rm, dpo) take ray.placement_strategy, on any node."""
-    where = ray_cfg.roles[role] if role in PPO_ROLES else None
-    return {"strategy": where.strategy or ray_cfg.placement_strategy if where else ray_cfg.placement_strategy,
-            "node_labels": dict(where.node_labels) if where else {}}
+    if role not in PPO_ROLES:
+        return {"strategy": ray_cfg.placement_strategy, "node_labels": {}}
+    where = ray_cfg.roles[role]
+    return {"strategy": where.strategy or ray_cfg.placement_strategy, "node_labels": dict(where.node_labels)}
