@@ -21,16 +21,17 @@ class VLLMEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         # On GPU the cache is sized by gpu_memory_utilization; the CPU's is what we ask for.
-        kv_cache_bytes, cpu_scheduling = None, {}
+        kv_cache_bytes, cpu_options = None, {}
         if current_platform.is_cpu():
-            cpu_platform.keep_plain_linear_weights()  # weight syncs load in place
+            # Weight syncs load in place, in every worker (see vllm_worker).
+            cpu_options["worker_extension_cls"] = "rayrlhf.vllm_worker.VLLMWorker"
             kv_cache_bytes = int(rollout_cfg.kv_cache_gib * 2**30)
             # A prompt prefilled in chunks has its sampled token discarded by rewinding the request's
             # generator, which a seeded request's CPU generator cannot do (vLLM raises "CPU Generator
             # does not use offset"): whole prefills only. Multi-turn rollouts hit it (long prompts
             # arriving mid-decode); so could long single-turn prompts.
-            cpu_scheduling = {"enable_chunked_prefill": False,
-                              "max_num_batched_tokens": max(max_model_len, 4096)}
+            cpu_options |= {"enable_chunked_prefill": False,
+                               "max_num_batched_tokens": max(max_model_len, 4096)}
             if rollout_cfg.tensor_parallel_size > 1:
                 # The user's binding wins (their own in the actor's environment).
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_platform.tensor_parallel_cores(
@@ -50,7 +51,7 @@ class VLLMEngine(RolloutEngine):
                        enable_sleep_mode=rollout_cfg.sleep,
                        # Log-probs of the distribution sampled from (after penalties, temperature,
                        # top-k and top-p), as the trainer computes them (algorithms.Sampling).
-                       logprobs_mode="processed_logprobs", **cpu_scheduling)
+                       logprobs_mode="processed_logprobs", **cpu_options)
         self.asleep = False
         self.episodes = None
         self.turn_ids = itertools.count()

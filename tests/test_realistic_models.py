@@ -63,8 +63,10 @@ def test_a_131k_vocabulary_agrees_from_the_first_batch_over_either_transport(tmp
 
 @pytest.mark.parametrize(("family", "overrides"), [
     ("qwen2", ["actor.packing=true", "critic.packing=true"]),
+    # Tensor-parallel (2 workers, each its shard of the tied embedding and head), by the broadcast.
     ("qwen3", ["algorithm.estimator=grpo", "algorithm.kl_in=loss", "algorithm.kl_estimator=k3",
-               "actor.packing=true", "weight_sync.transport=collective"]),
+               "actor.packing=true", "weight_sync.transport=collective", "rollout.tensor_parallel_size=2",
+               "rollout.cpus_per_engine=2"]),
 ])
 def test_ppo_and_grpo_on_tied_embeddings_qkv_biases_and_qk_norms(tmp_path, ray_cluster, realistic_models,
                                                                  family, overrides):
