@@ -16,9 +16,11 @@ torch's linear; where not, the layers stay torch's, with one line saying so.
 2. vLLM's CPU backend: weight syncs that load in place. vLLM's CPU backend packs each linear layer's
 weight into oneDNN's blocked layout and drops the plain tensor, so a new weight can only come in
 through its layer-by-layer reload: every layer's tensors allocated afresh, loaded, re-packed, copied
-back (most of a sync's time). An engine started after `keep_plain_linear_weights` keeps the plain
-weights, so a sync loads into them with the model's own `load_weights` and re-packs each layer with
-vLLM's own packing: the same result, without the allocations and the bookkeeping. With the
+back (most of a sync's time). A worker that loads its model after `keep_plain_linear_weights` (each
+of an engine's, see vllm_worker) keeps the plain weights, so a sync loads into them with the model's
+own `load_weights` and re-packs each layer with vLLM's own packing: the same result, without the
+allocations and the bookkeeping (and, with tied embeddings in tensor-parallel workers, right where
+vLLM 0.32's reload left the head's packed copy stale: a log-prob gap of 1e-3 after a sync). With the
 shared-memory file mapped, the plain weights of the packed layers that compute from their packed
 copy alone are views of the file itself (`read_packed_weights_in_place`), so a sync re-packs
 straight from it and loads only the rest.
@@ -257,7 +259,7 @@ def _computes_from_packed_copy(layer: torch.nn.Module) -> bool:
 def load_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> bool:
     """Loads `weights` into the kept plain weights (skipping those read in place) and re-packs
     every packed layer. Returns False, having read nothing, where vLLM's reload is needed instead:
-    an engine that did not keep its plain weights (GPU engines, or worker processes of their own),
+    an engine that did not keep its plain weights (GPU engines, or a vLLM version not checked),
     a quantized model, or layers whose loaded weights vLLM transforms in other ways."""
     pack = _in_place_packing(worker)
     if pack is None:
