@@ -132,8 +132,8 @@ class RoleGroup:
 
     def restart(self, rank: int, timeout_s: float) -> None:
         """A fresh actor for `rank` on its bundle, in place of one that died. Where its node is lost,
-        Ray places the bundle again on a node with room; if that does not happen within `timeout_s`,
-        NodeLost."""
+        Ray places the bundle again on a node with room; if that does not happen within `timeout_s`
+        of the node's loss being known, NodeLost."""
         ray.kill(self.actors[rank], no_restart=True)
         node, deadline = self.node_ids[rank], time.monotonic() + timeout_s
         # A node whose raylet died is declared dead only after missed health checks: until then it
@@ -142,6 +142,7 @@ class RoleGroup:
             if time.monotonic() > deadline:
                 raise NodeLost(node, timeout_s)
         if node not in alive_nodes():
+            deadline = time.monotonic() + timeout_s  # the wait for room, from the node's death
             while (self._bundle_nodes()[rank] or node) not in alive_nodes() - {node}:
                 if time.monotonic() > deadline:
                     raise NodeLost(node, timeout_s)

@@ -501,8 +501,9 @@ class RayConfig:
     colocate: list[list[str]] = field(default_factory=list)
     # Any remote call (generation, scoring, a training phase) taking longer is an error, not a hang.
     call_timeout_s: float = rule(3600.0, gt=0)
-    # When a node is lost, how long its rollout engines may wait for Ray to place them on another
-    # node with room (an autoscaler may be adding one) before the run stops, naming the checkpoint.
+    # When a node is lost, how long (from its death, and at most while it stops answering) its rollout
+    # engines may wait for Ray to place them on another node with room (an autoscaler may be adding
+    # one) before the run stops, naming the checkpoint.
     node_loss_timeout_s: float = rule(300.0, gt=0)
 
 
