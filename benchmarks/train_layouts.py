@@ -16,7 +16,9 @@ layout in turn:
   (`rayrlhf.cpu_platform`) and on torch's own BLAS; the other layouts use the one `model.linear_backend`
   picks (auto: oneDNN on AMD CPUs, torch's elsewhere);
 - shared+compiled: shared, on a second rank set up with `actor.compile=true` (the others run
-  eager whatever the config says); its compilation happens in set-up, before the rounds.
+  eager whatever the config says); its compilation happens in set-up, before the rounds. Its
+  linear layers are the backend's that `model.linear_backend` picks (oneDNN's products are a
+  custom op, which the compiled graphs call as they are).
 It also times the optimizer step with and without DeepSpeed's all-reduce (one rank has nothing
 to reduce) and torch's multi-tensor against its fused AdamW, on the model's parameters.
 Reports median seconds per layout and the ratios to padded.

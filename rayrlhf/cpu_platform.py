@@ -8,9 +8,9 @@ faster than its AVX2 path, while oneDNN, which vLLM's CPU backend uses too, runs
 about twice the GEMM throughput on the AMD EPYC measured. On Intel CPUs MKL runs AVX-512 itself and
 was the faster of the two in every product of the train stage (benchmarks/train_layouts.py measures
 both in one process). So `auto` picks oneDNN on AMD only. The forward GEMM and both backward GEMMs
-go through oneDNN, in fp32. Every other call (GPU, bf16, autocast, ZeRO-3 partitioned weights, and
-layers under torch.compile, whose inductor cannot lower oneDNN's private op) is torch's own. The op
-is private to torch, so `available()` also checks once per process that it runs and agrees with
+go through oneDNN, in fp32, as a custom op that torch.compile keeps as it is in compiled layers. Every
+other call (GPU, bf16, autocast, ZeRO-3 partitioned weights) is torch's own. The op is private to
+torch, so `available()` also checks once per process that it runs and agrees with
 torch's linear; where not, the layers stay torch's, with one line saying so.
 
 2. vLLM's CPU backend: weight syncs that load in place. vLLM's CPU backend packs each linear layer's
@@ -90,25 +90,38 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-class _LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.with_bias = bias is not None
-        return _linear(x, weight, bias)
+# A custom op, so that torch.compile keeps it whole in the graphs it builds (as an opaque call) and
+# fuses what lies between the products; its backward's two products are calls of it too.
+@torch.library.custom_op("rayrlhf::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias by oneDNN, for a 2-D x."""
+    return _linear(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _linear(grad_2d, weight.t()).view(x.shape)  # dY W
-        if ctx.needs_input_grad[1]:
-            grad_weight = _linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t())  # dY^T X
-        if ctx.with_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_2d.sum(0)
-        return grad_x, grad_weight, grad_bias
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.with_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = onednn_linear(grad_out, weight.t(), None)  # dY W
+    if ctx.needs_input_grad[1]:
+        grad_weight = onednn_linear(grad_out.t(), x.t(), None)  # dY^T X
+    if ctx.with_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad_out.sum(0)
+    return grad_x, grad_weight, grad_bias
+
+
+onednn_linear.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 class OneDNNLinear(torch.nn.Linear):
@@ -117,11 +130,11 @@ class OneDNNLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and x.dim() >= 2
                 and x.numel() and not hasattr(self.weight, "ds_id")  # a ZeRO-3 partition
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            # 2-D through the Function, reshaped outside it: oneDNN returns a 3-D result as a view,
-            # and autograd forbids in-place updates of a custom Function's view outputs (AdaLoRA's
-            # layers add their update to the base layer's output in place).
-            out = _LinearFunction.apply(x.flatten(0, -2), self.weight, self.bias)
+                and not torch.is_autocast_enabled("cpu")):
+            # 2-D through the op, reshaped outside it: oneDNN returns a 3-D result as a view, which
+            # a custom op may not return (and AdaLoRA's layers add their update to the base
+            # layer's output in place).
+            out = onednn_linear(x.flatten(0, -2), self.weight, self.bias)
             return out.view(*x.shape[:-1], out.shape[-1])
         return super().forward(x)
 

@@ -121,9 +121,6 @@ class TrainerWorker(SendingRank):
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         if onednn_chosen(model_cfg.linear_backend):
             use_onednn_linear(model)
-            if role_cfg.compile and self.rank == 0:
-                print(f"{self.role}: model.linear_backend picked oneDNN, which torch.compile cannot lower: "
-                      "the compiled layers use inductor's own products, the rest oneDNN's", flush=True)
         if role_cfg.compile:
             # The backbone, which every role's forward calls (the scalar heads bypass the top
             # module); torch compiles it at its first forward and backward.
