@@ -45,6 +45,9 @@ def ray_env():
     env = dict(os.environ, PATH=f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}",
                # A SIGTERM stops a node at once instead of draining it for 30 s.
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+               # The head's checks of each node every second instead of every 3 (5 missed ones
+               # declare a killed node dead); a check still waits Ray's 10 s for a busy raylet.
+               RAY_health_check_period_ms="1000",
                # Token authentication on, with a token that is this test's alone; submit.sh
                # must notice it and send it (the drivers below are told to send it).
                RAY_AUTH_TOKEN=secrets.token_hex(32))
@@ -217,7 +220,7 @@ def test_lost_engine_nodes_restart_it_elsewhere_then_stop_the_run(cluster, tmp_p
     driver = subprocess.run(
         [sys.executable, "-m", "rayrlhf.cli", "train", "--config", "conf/tiny_ppo.yaml",
          *tiny_run(run, tiny_policy, "trainer.total_steps=20", "trainer.checkpoint_every=1",
-                   f"ray.address={cluster.gcs}", "ray.node_loss_timeout_s=20",
+                   f"ray.address={cluster.gcs}", "ray.node_loss_timeout_s=15",
                    "rollout.tensor_parallel_size=2", "rollout.cpus_per_engine=2",
                    "ray.roles.rollout.node_labels.pool=rollout", "ray.roles.actor.node_labels.pool=train",
                    "ray.roles.reward.node_labels.pool=train")],
@@ -232,7 +235,7 @@ def test_lost_engine_nodes_restart_it_elsewhere_then_stop_the_run(cluster, tmp_p
     assert "weight sync by gloo broadcast" in output
     assert "rollout engine(s) [0] died; restarting them" in output
     message = re.search(r"node ([\d.]+/[0-9a-f]{6}) was lost \(its raylet stopped\) with rollout engine 0 "
-                        r"and no node had room for them within 20 s \(ray.node_loss_timeout_s\); .* "
+                        r"and no node had room for them within 15 s \(ray.node_loss_timeout_s\); .* "
                         r"resume from (\S+/checkpoints/step_\d+) with resume=true", output)
     assert message, output[-5000:]
     # Detection (Ray's health checks of the node) and the wait for room, not a hang in a collective.
