@@ -20,7 +20,10 @@ layout in turn:
   linear layers are the backend's that `model.linear_backend` picks (oneDNN's products are a
   custom op, which the compiled graphs call as they are).
 It also times the optimizer step with and without DeepSpeed's all-reduce (one rank has nothing
-to reduce) and torch's multi-tensor against its fused AdamW, on the model's parameters.
+to reduce) and torch's multi-tensor against its fused AdamW, on the model's parameters, and the
+matrix products of the shared layout alone: each linear layer's forward and two backward products
+over as many positions, on random operands, with the backend the shared layout used
+(`products_alone`; `shared_products_share` is their share of the shared layout's time).
 Reports median seconds per layout and the ratios to padded.
 
     PYTHONPATH=. python benchmarks/train_layouts.py --config conf/bench_cpu.yaml --rounds 8
@@ -115,7 +118,34 @@ def main() -> None:
               "train_seconds_median": median,
               "train_ratio_to_padded": {name: m / median["padded"] for name, m in median.items()},
               "optimizer_step": optimizer_steps(workers[False], args.rounds)}
+    products = products_alone(workers[False].module, result["positions_per_batch"]["shared"],
+                              layouts["shared"][LAYOUT_FLAGS.index("onednn_linear")], args.rounds)
+    result |= {"products_alone": products, "shared_products_share": products["seconds"] / median["shared"]}
     report(result, args.output)
+
+
+def products_alone(model, positions: int, onednn: bool, rounds: int) -> dict[str, float]:
+    """Median seconds of the forward product and both backward ones (dY W, dY^T X) of every linear
+    layer under the LM head, over `positions` rows of random operands, and their rate."""
+    import torch
+
+    from rayrlhf.cpu_platform import onednn_linear
+
+    def linear(x, weight):
+        return onednn_linear(x, weight, None) if onednn else torch.nn.functional.linear(x, weight)
+
+    weights = [m.weight.detach() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    operands = [(torch.randn(positions, w.shape[1]), torch.randn(positions, w.shape[0]), w) for w in weights]
+    times = []
+    for _ in range(rounds):
+        begin = time.perf_counter()
+        for x, grad, weight in operands:
+            linear(x, weight), linear(grad, weight.t()), linear(grad.t(), x.t())
+        times.append(time.perf_counter() - begin)
+    seconds = statistics.median(times[1:])
+    flops = sum(3 * 2 * positions * w.numel() for w in weights)
+    return {"seconds": seconds, "gflop_per_s": flops / seconds / 1e9,
+            "backend": "onednn" if onednn else "torch"}
 
 
 def optimizer_steps(worker, rounds: int) -> dict[str, float]:

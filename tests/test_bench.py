@@ -95,6 +95,7 @@ def test_train_layouts_benchmark_times_each_layout_on_real_trainer_ranks(tmp_pat
     assert all(seconds > 0 for seconds in result["train_seconds_median"].values())
     assert result["train_ratio_to_padded"]["padded"] == 1.0
     assert all(seconds > 0 for seconds in result["optimizer_step"].values())
+    assert result["products_alone"]["backend"] == "onednn" and 0 < result["shared_products_share"] < 1
 
 
 def test_weight_load_benchmark_times_both_loads_on_a_real_engine(tmp_path, tiny_policy):
