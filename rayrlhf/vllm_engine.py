@@ -31,7 +31,7 @@ class VLLMEngine(RolloutEngine):
             # does not use offset"): whole prefills only. Multi-turn rollouts hit it (long prompts
             # arriving mid-decode); so could long single-turn prompts.
             cpu_options |= {"enable_chunked_prefill": False,
-                               "max_num_batched_tokens": max(max_model_len, 4096)}
+                            "max_num_batched_tokens": max(max_model_len, 4096)}
             if rollout_cfg.tensor_parallel_size > 1:
                 # The user's binding wins (their own in the actor's environment).
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_platform.tensor_parallel_cores(
